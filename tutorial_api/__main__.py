@@ -1,0 +1,3 @@
+from tutorial_api.cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""the tutorial's `model.chat(tokenizer, prompt, history=...)`, for any chat model with a chat template."""
+
+from dataclasses import dataclass
+
+import torch
+
+from tutorial_api.models import context_length
+
+# The original tutorial's defaults for POST /.
+DEFAULT_MAX_LENGTH = 2048
+DEFAULT_TOP_P = 0.7
+DEFAULT_TEMPERATURE = 0.95
+
+
+class ChatInputError(ValueError):
+    """a request the model cannot serve as asked; `field` names the input to change."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class PreparedChat:
+    """a conversation turned into model input, with its token budget and sampling settings."""
+
+    input_ids: torch.Tensor
+    max_new_tokens: int
+    sampling: dict
+
+
+def build_messages(prompt, history=None, system=None) -> list[dict]:
+    """chat-template messages from `[user, assistant]` history pairs and the new prompt."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for user, assistant in history or []:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def sampling_options(temperature=None, top_p=None) -> dict:
+    """generate() arguments: temperature 0 means greedy decoding, never a silent default."""
+    temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
+    if temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_p": DEFAULT_TOP_P if top_p is None else top_p}
+
+
+def prepare(model, tokenizer, messages, *, max_length=None, max_new_tokens=None, top_p=None, temperature=None):
+    """tokenize with the chat template and work out the answer's budget; `max_length` counts the prompt too."""
+    input_ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
+    prompt_tokens = input_ids.shape[-1]
+    context = context_length(model, tokenizer)
+    if prompt_tokens >= context:
+        raise ChatInputError(
+            "prompt",
+            f"The prompt and history take {prompt_tokens} tokens, but the model's context holds {context}. "
+            "Shorten the prompt or drop old history turns.",
+        )
+    if max_length is not None and max_length > context:
+        raise ChatInputError("max_length", f"max_length {max_length} is larger than the model's context of {context} tokens.")
+    total = min(DEFAULT_MAX_LENGTH, context) if max_length is None else max_length
+    if prompt_tokens >= total:
+        raise ChatInputError(
+            "max_length",
+            f"The prompt and history take {prompt_tokens} tokens, which leaves no room for an answer within "
+            f"max_length {total}. Raise max_length (up to {context}) or shorten the history.",
+        )
+    budget = total - prompt_tokens
+    if max_new_tokens is not None:
+        budget = min(budget, max_new_tokens)
+    return PreparedChat(input_ids, budget, sampling_options(temperature, top_p))
+
+
+def chat(model, tokenizer, prompt, history=None, *, max_length=None, max_new_tokens=None, top_p=None,
+         temperature=None, system=None):
+    """answer `prompt` after `history`, returning `(response, history)` with the new pair appended."""
+    history = [list(pair) for pair in history or []]
+    if callable(getattr(model, "chat", None)):
+        return _legacy_chat(model, tokenizer, prompt, history, max_length, max_new_tokens, top_p, temperature, system)
+    prepared = prepare(
+        model, tokenizer, build_messages(prompt, history, system),
+        max_length=max_length, max_new_tokens=max_new_tokens, top_p=top_p, temperature=temperature,
+    )
+    input_ids = prepared.input_ids.to(model.device)
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=prepared.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            **prepared.sampling,
+        )
+    # A budget that runs out mid-character leaves a partial UTF-8 sequence, decoded as U+FFFD: drop it.
+    response = tokenizer.decode(output[0, input_ids.shape[-1]:], skip_special_tokens=True).rstrip("\ufffd").strip()
+    return response, history + [[prompt, response]]
+
+
+def _legacy_chat(model, tokenizer, prompt, history, max_length, max_new_tokens, top_p, temperature, system):
+    """Qwen-7B-Chat's remote code brings its own chat(), which takes history as (query, response) tuples."""
+    options = {"max_length": max_length, "max_new_tokens": max_new_tokens, **sampling_options(temperature, top_p)}
+    if system:
+        options["system"] = system
+    response, _ = model.chat(
+        tokenizer, prompt, history=[tuple(pair) for pair in history],
+        **{key: value for key, value in options.items() if value is not None},
+    )
+    return response, history + [[prompt, response]]

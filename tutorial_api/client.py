@@ -1,0 +1,25 @@
+"""calling the chat API with requests, as the original tutorial's `get_completion` does."""
+
+import requests
+
+from tutorial_api.settings import Settings
+
+
+class ChatAPIError(RuntimeError):
+    """the server refused the request; the message is the server's own."""
+
+
+def get_completion(prompt, history=None, url=None, *, timeout=600, **settings):
+    """ask the server at `url` (default http://127.0.0.1:6006) and return `(response, history)`.
+
+    `settings` are the optional request fields: max_length, top_p, temperature.
+    """
+    answer = requests.post(
+        url or Settings().url,
+        json={"prompt": prompt, "history": history or [], **settings},
+        timeout=timeout,
+    )
+    body = answer.json()
+    if not answer.ok:
+        raise ChatAPIError(f"{answer.status_code} {body.get('field', '')}: {body.get('message', body)}")
+    return body["response"], body["history"]

@@ -1,0 +1,30 @@
+"""the tutorial's first FastAPI app, `main.py`: `app` with plain functions, `async_app` with coroutines."""
+
+from fastapi import FastAPI
+
+app = FastAPI(title="Hello, FastAPI")
+
+
+@app.get("/")
+def read_root():
+    return {"Hello": "World"}
+
+
+@app.get("/items/{item_id}")
+def read_item(item_id: int, q: str | None = None):
+    return {"item_id": item_id, "q": q}
+
+
+# The same app with `async def`: FastAPI awaits these on the event loop instead of running
+# them in its thread pool, so they must never block (no model.generate, no time.sleep).
+async_app = FastAPI(title="Hello, async FastAPI")
+
+
+@async_app.get("/")
+async def read_root_async():
+    return {"Hello": "World"}
+
+
+@async_app.get("/items/{item_id}")
+async def read_item_async(item_id: int, q: str | None = None):
+    return {"item_id": item_id, "q": q}

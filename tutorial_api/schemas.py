@@ -1,0 +1,60 @@
+"""request and response bodies of the tutorial's `POST /`, and its error shape."""
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+HistoryPair = Annotated[list[str], Field(min_length=2, max_length=2)]
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+_TIME_PATTERN = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$"
+
+
+class ChatRequest(BaseModel):
+    """the original tutorial's request; omitted or null settings take the tutorial's defaults."""
+
+    model_config = ConfigDict(
+        strict=True,
+        json_schema_extra={"examples": [{"prompt": "你好", "history": []}]},
+    )
+
+    prompt: str = Field(min_length=1, description="the user's new message")
+    history: list[HistoryPair] | None = Field(
+        default=None, description="earlier turns as [user, assistant] pairs, oldest first"
+    )
+    max_length: int | None = Field(
+        default=None, ge=1, description="total token budget, prompt and history included (default 2048)"
+    )
+    top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus sampling mass (default 0.7)")
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="0 for greedy decoding, higher for more varied answers (default 0.95)"
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must contain some text, not only whitespace")
+        return prompt
+
+
+class ChatResponse(BaseModel):
+    """the original tutorial's answer: the reply, the updated history, a status and a timestamp."""
+
+    response: str
+    history: list[HistoryPair]
+    status: int = Field(200, description="always 200, as in the original tutorial")
+    time: str = Field(pattern=_TIME_PATTERN, description="local time of the answer, YYYY-MM-DD HH:MM:SS")
+
+
+class ChatError(BaseModel):
+    """what `POST /` answers to a request it cannot serve: the HTTP status, the field to fix, and why."""
+
+    status: int
+    field: str
+    message: str
+    time: str = Field(pattern=_TIME_PATTERN)
+
+
+class Health(BaseModel):
+    status: str = "ok"
+    model: str

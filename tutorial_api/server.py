@@ -1,0 +1,83 @@
+"""running an app with uvicorn on a background thread, so a notebook cell can start and stop it."""
+
+import errno
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+
+from tutorial_api.settings import DEFAULT_HOST, DEFAULT_PORT
+
+# Servers this process started, by port: running a cell again stops the old server first.
+_running: dict[int, "RunningServer"] = {}
+
+
+class PortInUse(OSError):
+    """another process already listens on the port."""
+
+
+@dataclass
+class RunningServer:
+    """a uvicorn server on a daemon thread; `stop()` shuts it down and frees the port."""
+
+    url: str
+    port: int
+    _server: uvicorn.Server
+    _thread: threading.Thread
+
+    def stop(self, timeout: float = 10) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        if _running.get(self.port) is self:
+            del _running[self.port]
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and self._server.started
+
+
+def start_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log_level: str = "info",
+                 startup_timeout: float = 300) -> RunningServer:
+    """serve `app` on a daemon thread and return once it accepts connections (port 0 picks a free one)."""
+    if port in _running:
+        _running.pop(port).stop()
+    listener = _bind(host, port)
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True,
+                              name=f"uvicorn-{port}")
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(5)
+            listener.close()
+            raise RuntimeError(f"The server on port {port} did not start; the log above says why.")
+        time.sleep(0.05)
+    display_host = f"[{host}]" if ":" in host else host
+    handle = RunningServer(f"http://{display_host}:{port}", port, server, thread)
+    _running[port] = handle
+    return handle
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """bind the listening socket here, so a busy port fails at once, in the caller's thread."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        if error.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                errno.EADDRINUSE,
+                f"Port {port} on {host} is already in use by another program. Stop that program, "
+                f"or pick another port: start_server(app, port={port + 1}).",
+            ) from None
+        raise
+    listener.set_inheritable(True)
+    return listener
