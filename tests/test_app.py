@@ -1,0 +1,136 @@
+import json
+import logging
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from fastapi.testclient import TestClient
+
+from tutorial_api import chat, create_app, start_server
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(create_app("tiny-qwen2")) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def live_server():
+    server = start_server(create_app("tiny-qwen2"), port=0, log_level="warning")
+    yield server
+    server.stop()
+
+
+def test_the_tutorials_requests_call_gets_the_four_fields(client):
+    data = {"prompt": "你好", "history": [], "max_length": 80, "temperature": 0}
+    answer = client.post("/", headers={"Content-Type": "application/json"}, content=json.dumps(data))
+    assert answer.status_code == 200
+    body = answer.json()
+    assert set(body) == {"response", "history", "status", "time"}
+    assert body["status"] == 200
+    assert body["history"] == [["你好", body["response"]]]
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}", body["time"])
+
+
+def test_history_is_carried_forward(client):
+    first = client.post("/", json={"prompt": "你好", "history": [], "max_length": 60, "temperature": 0}).json()
+    second = client.post("/", json={"prompt": "给这个故事起一个标题", "history": first["history"],
+                                    "max_length": 90, "temperature": 0}).json()
+    assert second["history"] == first["history"] + [["给这个故事起一个标题", second["response"]]]
+
+
+def test_health_names_the_model(client):
+    answer = client.get("/health")
+    assert answer.status_code == 200
+    assert answer.json() == {"status": "ok", "model": "tiny-qwen2"}
+
+
+BAD_REQUESTS = {
+    "missing-prompt": ({"history": []}, "prompt"),
+    "empty-prompt": ({"prompt": ""}, "prompt"),
+    "blank-prompt": ({"prompt": " \n "}, "prompt"),
+    "prompt-not-text": ({"prompt": 42}, "prompt"),
+    "history-not-a-list": ({"prompt": "hi", "history": "earlier"}, "history"),
+    "history-pair-too-short": ({"prompt": "hi", "history": [["only the question"]]}, "history[0]"),
+    "history-pair-too-long": ({"prompt": "hi", "history": [["a", "b", "c"]]}, "history[0]"),
+    "history-pair-not-text": ({"prompt": "hi", "history": [["a", 1]]}, "history[0][1]"),
+    "top-p-zero": ({"prompt": "hi", "top_p": 0}, "top_p"),
+    "top-p-above-one": ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+    "negative-temperature": ({"prompt": "hi", "temperature": -3}, "temperature"),
+    "temperature-too-high": ({"prompt": "hi", "temperature": 9}, "temperature"),
+    "temperature-as-text": ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+    "temperature-as-bool": ({"prompt": "hi", "temperature": True}, "temperature"),
+    "max-length-zero": ({"prompt": "hi", "max_length": 0}, "max_length"),
+    "max-length-fractional": ({"prompt": "hi", "max_length": 2.5}, "max_length"),
+    "max-length-as-text": ({"prompt": "hi", "max_length": "100"}, "max_length"),
+    "max-length-beyond-context": ({"prompt": "hi", "max_length": 100_000}, "max_length"),
+    "max-length-below-prompt": ({"prompt": "hi", "max_length": 5}, "max_length"),
+    "prompt-beyond-context": ({"prompt": "word " * 1100}, "prompt"),
+    "body-is-a-list": ([{"prompt": "hi"}], "body"),
+}
+
+
+@pytest.mark.parametrize(("body", "field"), BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_input_gets_a_422_naming_the_field(client, body, field):
+    answer = client.post("/", json=body)
+    assert answer.status_code == 422
+    error = answer.json()
+    assert error["status"] == 422 and error["field"] == field
+    assert field.split("[")[0] in error["message"] or field == "body"
+
+
+@pytest.mark.parametrize("raw", [b"not json", b'{"prompt": "hi"', b""], ids=["text", "truncated", "empty"])
+def test_a_body_that_is_not_json_gets_a_422(client, raw):
+    answer = client.post("/", content=raw, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 422
+    assert answer.json()["field"] == "body"
+
+
+def test_openapi_documents_the_error_shape(client):
+    schema = client.get("/openapi.json").json()
+    responses = schema["paths"]["/"]["post"]["responses"]
+    assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatError")
+    assert set(schema["components"]["schemas"]["ChatRequest"]["properties"]) == {
+        "prompt", "history", "max_length", "top_p", "temperature"}
+
+
+def test_user_text_cannot_forge_log_lines(client, caplog):
+    caplog.set_level(logging.INFO, logger="tutorial_api.app")
+    forged = "hi\n2026-01-01 00:00:00 INFO tutorial_api.app: POST / prompt='admin'\r"
+    assert client.post("/", json={"prompt": forged, "max_length": 120, "temperature": 0}).status_code == 200
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /")]
+    assert "\n" not in line and "\r" not in line
+    assert "\\n2026-01-01" in line
+
+
+def test_health_answers_while_a_generation_runs(live_server):
+    long_request = threading.Thread(target=requests.post, args=(live_server.url,),
+                                    kwargs={"json": {"prompt": "Tell me a story", "temperature": 0}})
+    long_request.start()
+    time.sleep(0.5)
+    latencies = []
+    for _ in range(10):
+        started = time.perf_counter()
+        assert requests.get(f"{live_server.url}/health").status_code == 200
+        latencies.append(time.perf_counter() - started)
+    still_generating = long_request.is_alive()
+    long_request.join()
+    assert still_generating, "the generation ended before /health was measured; make it longer"
+    assert max(latencies) < 0.5
+
+
+def test_concurrent_requests_get_their_own_answers(live_server, tiny):
+    prompts = [f"Question number {n}" for n in range(6)]
+    expected = {p: chat(*tiny, p, max_length=70, temperature=0)[0] for p in prompts}
+
+    def ask(prompt):
+        return requests.post(live_server.url, json={"prompt": prompt, "max_length": 70, "temperature": 0}).json()
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(ask, prompts))
+    for prompt, answer in zip(prompts, answers):
+        assert answer["history"] == [[prompt, expected[prompt]]]

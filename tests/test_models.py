@@ -1,0 +1,112 @@
+import logging
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+from tutorial_api import PRESETS, ModelNotAvailable, load_model
+from tutorial_api.models import context_length
+
+
+def test_presets_cover_the_offline_models_and_the_qwen_family():
+    assert {"smollm2-135m", "tiny-qwen2", "qwen2.5-0.5b-instruct", "qwen2.5-7b-instruct", "qwen-7b-chat"} <= set(PRESETS)
+    assert PRESETS["qwen2.5-0.5b-instruct"].hub_id == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert PRESETS["qwen-7b-chat"].trust_remote_code
+
+
+def test_tiny_qwen2_is_a_real_qwen2_with_fixed_weights(tiny):
+    model, tokenizer = tiny
+    assert isinstance(model, Qwen2ForCausalLM)
+    assert model.config.model_type == "qwen2"
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    again, _ = load_model("tiny-qwen2")
+    for (name, weight), (_, same) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(weight, same), name
+
+
+def test_tiny_qwen2_leaves_the_global_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_model("tiny-qwen2")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_cpu_defaults_to_float32_and_dtype_can_be_overridden(tiny):
+    assert tiny[0].dtype == torch.float32
+    model, _ = load_model("tiny-qwen2", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+
+
+def test_environment_variable_sets_the_default_model(monkeypatch):
+    monkeypatch.setenv("TUTORIAL_API_MODEL", "tiny-qwen2")
+    model, _ = load_model()
+    assert isinstance(model, Qwen2ForCausalLM)
+
+
+def test_local_folder_loads_the_same_model(tiny, tmp_path):
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, reloaded_tokenizer = load_model(str(tmp_path))
+    ids = tokenizer("Hello there", return_tensors="pt").input_ids
+    assert reloaded_tokenizer("Hello there", return_tensors="pt").input_ids.tolist() == ids.tolist()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_unreachable_hub_id_gives_one_clear_error_naming_the_offline_default():
+    with pytest.raises(ModelNotAvailable) as failure:
+        load_model("Qwen/Qwen2.5-0.5B-Instruct")
+    message = str(failure.value)
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in message
+    assert "--model smollm2-135m" in message
+    assert failure.value.__cause__ is None and failure.value.__suppress_context__
+
+
+def test_preset_hub_models_go_through_the_same_clear_error():
+    with pytest.raises(ModelNotAvailable, match="smollm2-135m"):
+        load_model("qwen-7b-chat")
+
+
+def test_unknown_name_lists_the_presets():
+    with pytest.raises(ModelNotAvailable, match="tiny-qwen2"):
+        load_model("no-such-model")
+
+
+def test_context_length_comes_from_the_config(tiny):
+    assert context_length(*tiny) == tiny[0].config.max_position_embeddings == 1024
+
+
+@pytest.mark.real_model
+def test_offline_default_is_smollm2(smollm2):
+    model, tokenizer = smollm2
+    assert isinstance(model, LlamaForCausalLM)
+    assert model.dtype == torch.float32
+    assert context_length(model, tokenizer) == 8192
+
+
+@pytest.mark.real_model
+def test_gguf_cache_is_built_once_then_trusted_only_while_intact(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TUTORIAL_API_CACHE", str(tmp_path))
+    caplog.set_level(logging.INFO, logger="tutorial_api")
+
+    def builds():
+        load_model("smollm2-135m")
+        built = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Building")]
+        caplog.clear()
+        return sorted(message.rsplit("/", 1)[-1] for message in built)
+
+    assert builds() == ["model", "tokenizer"]
+    assert builds() == []
+
+    weights = next((tmp_path / "SmolLM2-135M-Instruct.Q4_1" / "model").glob("*.safetensors"))
+    with weights.open("r+b") as stream:
+        stream.seek(weights.stat().st_size // 2)
+        byte = stream.read(1)
+        stream.seek(-1, 1)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+    assert builds() == ["model"]
+
+    next((tmp_path / "SmolLM2-135M-Instruct.Q4_1" / "tokenizer").glob("tokenizer*.json")).unlink()
+    assert builds() == ["tokenizer"]

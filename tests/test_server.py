@@ -1,0 +1,83 @@
+import socket
+import time
+
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+
+class Kernel:
+    """a real IPython kernel from this environment, driven cell by cell."""
+
+    def __init__(self):
+        self.manager, self.client = start_new_kernel(kernel_name="python3")
+
+    def run(self, code: str, timeout: float = 60) -> str:
+        """run one cell; return what it printed, or raise with the kernel's error."""
+        printed = []
+
+        def collect(message):
+            if message["msg_type"] == "stream":
+                printed.append(message["content"]["text"])
+
+        reply = self.client.execute_interactive(code, timeout=timeout, output_hook=collect)
+        if reply["content"]["status"] != "ok":
+            raise AssertionError(f"{reply['content']['ename']}: {reply['content']['evalue']}")
+        return "".join(printed).strip()
+
+    def close(self):
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    kernel = Kernel()
+    kernel.run("import requests\nfrom tutorial_api import start_server, PortInUse\nfrom tutorial_api.hello import app")
+    yield kernel
+    kernel.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def test_uvicorn_run_fails_in_a_kernel_and_start_server_is_the_way(kernel):
+    with pytest.raises(AssertionError, match="RuntimeError"):
+        kernel.run("import uvicorn\nuvicorn.run(app, port=0)")
+
+
+def test_start_rerun_and_stop_in_a_kernel(kernel):
+    port = free_port()
+    start = f"server = start_server(app, port={port}, log_level='warning')\nprint(server.url)"
+    assert kernel.run(start) == f"http://127.0.0.1:{port}"
+    assert kernel.run("print(requests.get(server.url).json())") == "{'Hello': 'World'}"
+    kernel.run("first = server")
+    assert kernel.run(start) == f"http://127.0.0.1:{port}"
+    assert kernel.run("print(first.running, server.running)") == "False True"
+    assert kernel.run("print(requests.get(server.url + '/items/5?q=somequery').json())") == \
+        "{'item_id': 5, 'q': 'somequery'}"
+    kernel.run("server.stop()")
+    assert port_is_free(port)
+    assert kernel.run("import threading\nprint([t.name for t in threading.enumerate() if t.name.startswith('uvicorn')])") == "[]"
+
+
+def test_a_port_held_by_another_process_fails_fast_and_clearly(kernel):
+    with socket.socket() as other_program:
+        other_program.bind(("127.0.0.1", 0))
+        other_program.listen()
+        port = other_program.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(AssertionError, match=f"PortInUse: .*Port {port} on 127.0.0.1 is already in use"):
+            kernel.run(f"start_server(app, port={port})")
+        assert time.monotonic() - started < 5
