@@ -46,7 +46,7 @@ def test_history_is_carried_forward(client):
 def test_health_names_the_model(client):
     answer = client.get("/health")
     assert answer.status_code == 200
-    assert answer.json() == {"status": "ok", "model": "tiny-qwen2"}
+    assert answer.json() == {"status": "ok", "model": "tiny-qwen2", "active_requests": 0}
 
 
 BAD_REQUESTS = {
@@ -99,12 +99,12 @@ def test_openapi_documents_the_error_shape(client):
 
 
 def test_user_text_cannot_forge_log_lines(client, caplog):
-    caplog.set_level(logging.INFO, logger="tutorial_api.app")
-    forged = "hi\n2026-01-01 00:00:00 INFO tutorial_api.app: POST / prompt='admin'\r"
+    caplog.set_level(logging.INFO, logger="tutorial_api")
+    forged = "hi\n2026-01-01 00:00:00 INFO tutorial_api.requests: POST / admin=1\r"
     assert client.post("/", json={"prompt": forged, "max_length": 120, "temperature": 0}).status_code == 200
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /")]
-    assert "\n" not in line and "\r" not in line
-    assert "\\n2026-01-01" in line
+    assert "\n" not in line and "\r" not in line and "admin" not in line
+    assert re.fullmatch(r"POST / prompt_tokens=\d+ completion_tokens=\d+ finish=\w+ seconds=[\d.]+", line)
 
 
 def test_health_answers_while_a_generation_runs(live_server):

@@ -28,7 +28,7 @@ def test_serve_listens_on_loopback_answers_and_stops_on_ctrl_c():
             except requests.ConnectionError:
                 assert server.poll() is None, server.stdout.read()
                 time.sleep(0.2)
-        assert health.json() == {"status": "ok", "model": "tiny-qwen2"}
+        assert health.json()["model"] == "tiny-qwen2"
         answer = requests.post(f"http://127.0.0.1:{port}", json={"prompt": "你好", "history": [], "max_length": 60})
         assert answer.json()["history"][0][0] == "你好"
         server.send_signal(signal.SIGINT)

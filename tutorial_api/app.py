@@ -1,26 +1,31 @@
-"""the chat API: the original tutorial's `POST /` and a `GET /health`, on a model loaded once at start-up."""
+"""the chat API: the tutorial's `POST /`, the OpenAI-compatible `/v1`, and `GET /health`, on one engine."""
 
 import asyncio
 import logging
-import time
 from contextlib import asynccontextmanager
-from datetime import datetime
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
-from tutorial_api.chat import ChatInputError
+from tutorial_api import openai_api, tutorial_routes
 from tutorial_api.engine import Engine
 from tutorial_api.models import load_model
-from tutorial_api.schemas import TIME_FORMAT, ChatError, ChatRequest, ChatResponse, Health
+from tutorial_api.openai_api import openai_error
+from tutorial_api.schemas import Health
 from tutorial_api.settings import Settings
+from tutorial_api.tutorial_routes import tutorial_error
 
 logger = logging.getLogger(__name__)
-router = APIRouter()
+
+DESCRIPTION = """
+`POST /` is the original tutorial's endpoint, unchanged on the wire. `/v1/chat/completions` and `/v1/models`
+speak OpenAI's API, so the `openai` client works with `base_url` pointing here. The server runs one model:
+a request's `model` field may name it or anything else.
+"""
 
 
-def create_app(model=None, *, device=None, dtype=None) -> FastAPI:
+def create_app(model=None, *, device=None, dtype=None, max_batch_size=16, max_waiting=64) -> FastAPI:
     """the FastAPI app serving `model` (a preset, hub id or folder; default $TUTORIAL_API_MODEL)."""
     model_name = model or Settings().model
 
@@ -28,61 +33,45 @@ def create_app(model=None, *, device=None, dtype=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         logger.info("Loading model %s", model_name)
         loaded_model, tokenizer = await asyncio.to_thread(load_model, model_name, device=device, dtype=dtype)
-        app.state.engine = Engine(loaded_model, tokenizer)
+        app.state.engine = Engine(loaded_model, tokenizer, max_batch_size=max_batch_size, max_waiting=max_waiting)
         logger.info("Model %s is ready", model_name)
         try:
             yield
         finally:
             app.state.engine.close()
 
-    app = FastAPI(
-        title="tutorial_api",
-        summary="The FastAPI chat tutorial's API, made correct: POST / answers a prompt with history.",
-        lifespan=lifespan,
-    )
+    app = FastAPI(title="tutorial_api", description=DESCRIPTION, lifespan=lifespan)
     app.state.model_name = model_name
     app.add_exception_handler(RequestValidationError, _invalid_request)
-    app.include_router(router)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.include_router(tutorial_routes.router)
+    app.include_router(openai_api.router)
+    app.add_api_route("/health", _health, methods=["GET"], response_model=Health)
     return app
 
 
-@router.post("/", response_model=ChatResponse, responses={422: {"model": ChatError}})
-async def create_chat(body: ChatRequest, request: Request):
-    """answer `prompt` after `history`, as the original tutorial's endpoint does."""
-    started = time.perf_counter()
-    try:
-        response, history = await request.app.state.engine.chat(
-            body.prompt, body.history,
-            max_length=body.max_length, top_p=body.top_p, temperature=body.temperature,
-        )
-    except ChatInputError as error:
-        return _error(422, error.field, str(error))
-    # %r escapes newlines and other control characters, so user text cannot forge log lines.
-    logger.info(
-        "POST / prompt=%r history_turns=%d answer_chars=%d seconds=%.2f",
-        body.prompt[:80], len(body.history or []), len(response), time.perf_counter() - started,
-    )
-    return ChatResponse(response=response, history=history, time=_now())
+async def _health(request: Request) -> Health:
+    """200 once the model is loaded, with how many requests are generating or waiting."""
+    return Health(model=request.app.state.model_name, active_requests=request.app.state.engine.active)
 
 
-@router.get("/health", response_model=Health)
-async def health(request: Request):
-    """200 once the model is loaded and the server accepts requests."""
-    return Health(model=request.app.state.model_name)
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
 
 
-def _now() -> str:
-    return datetime.now().strftime(TIME_FORMAT)
-
-
-def _error(status: int, field: str, message: str) -> JSONResponse:
-    return JSONResponse(ChatError(status=status, field=field, message=message, time=_now()).model_dump(), status)
-
-
-async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    """pydantic's errors in the tutorial's shape, naming the first offending field."""
+async def _invalid_request(request: Request, error: RequestValidationError):
+    """pydantic's errors in each API's own shape, naming the first offending field."""
     problems = [_describe(problem) for problem in error.errors()]
-    return _error(422, problems[0][0], "; ".join(message for _, message in problems))
+    message = "; ".join(message for _, message in problems)
+    if _is_openai(request):
+        return openai_error(400, message, problems[0][0])
+    return tutorial_error(422, problems[0][0], message)
+
+
+async def _http_error(request: Request, error: HTTPException):
+    if _is_openai(request):
+        return openai_error(error.status_code, str(error.detail), None, headers=error.headers)
+    return tutorial_error(error.status_code, "", str(error.detail), headers=error.headers)
 
 
 def _describe(problem: dict) -> tuple[str, str]:

@@ -58,3 +58,4 @@ class ChatError(BaseModel):
 class Health(BaseModel):
     status: str = "ok"
     model: str
+    active_requests: int = Field(description="requests generating or waiting")

@@ -1,0 +1,105 @@
+"""OpenAI-compatible `/v1/chat/completions` (with streaming) and `/v1/models`, served by the engine."""
+
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
+
+from tutorial_api.chat import ChatInputError
+from tutorial_api.engine import EngineBusy
+from tutorial_api.models import context_length
+from tutorial_api.openai_schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from tutorial_api.serving import answer_or_cancel, log_generation, start_generation
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+
+# Our names for request fields, as OpenAI's clients know them.
+_OPENAI_PARAM = {"prompt": "messages", "max_length": "max_tokens"}
+_ERRORS = {400: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(request: Request):
+    """the one model this server runs; requests may name it or not."""
+    return ModelList(data=[ModelCard(id=request.app.state.model_name)])
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, responses={
+    **_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "with `stream`: server-sent events"}})
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    """a chat completion; with `stream`, `chat.completion.chunk` events and a final `[DONE]`."""
+    limits = [limit for limit in (body.max_tokens, body.max_completion_tokens) if limit]
+    engine = request.app.state.engine
+    try:
+        generation = start_generation(
+            request,
+            [{"role": message.role, "content": message.text} for message in body.messages],
+            # Unlike the tutorial's max_length, OpenAI's budget leaves the whole context to the answer.
+            max_length=context_length(engine.model, engine.tokenizer),
+            max_new_tokens=min(limits) if limits else None,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+            stop=body.stop,
+        )
+    except ChatInputError as error:
+        return openai_error(400, str(error), _OPENAI_PARAM.get(error.field, error.field))
+    except EngineBusy:
+        return openai_error(503, "The server is busy; try again in a moment.", None, "server_error",
+                            headers={"Retry-After": "1"})
+    completion_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), request.app.state.model_name
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(_events(request, generation, completion_id, created, model, include_usage))
+    content = await answer_or_cancel(request, generation)
+    if content is None:
+        return openai_error(499, "The client disconnected.", None)
+    return ChatCompletion(
+        id=completion_id, created=created, model=model, usage=_usage(generation),
+        choices=[{"message": {"content": content}, "finish_reason": generation.finish_reason}],
+    )
+
+
+async def _events(request, generation, completion_id, created, model, include_usage):
+    def event(choices, **extra):
+        chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                 "choices": choices, **({"usage": None} if include_usage else {}), **extra}
+        return format_sse_event(data_str=json.dumps(chunk, ensure_ascii=False))
+
+    def delta(content, finish_reason=None):
+        return event([{"index": 0, "delta": content, "finish_reason": finish_reason}])
+
+    try:
+        yield delta({"role": "assistant", "content": ""})
+        async for piece in generation.stream():
+            yield delta({"content": piece})
+        yield delta({}, generation.finish_reason)
+        if include_usage:
+            yield event([], usage=_usage(generation).model_dump())
+        yield format_sse_event(data_str="[DONE]")
+    except Exception as error:  # noqa: BLE001 - the status line is sent: report in the stream
+        yield format_sse_event(data_str=json.dumps({"error": {"message": str(error), "type": "server_error"}}))
+    finally:
+        log_generation(request, generation)
+
+
+def _usage(generation) -> Usage:
+    return Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens,
+                 total_tokens=generation.prompt_tokens + generation.completion_tokens)
+
+
+def openai_error(status: int, message: str, param: str | None, kind: str = "invalid_request_error",
+                 code: str | None = None, headers=None) -> JSONResponse:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    body = ErrorResponse(error={"message": message, "type": kind, "param": param, "code": code})
+    return JSONResponse(body.model_dump(), status, headers=headers)

@@ -1,0 +1,108 @@
+"""request and response bodies of the OpenAI-compatible `/v1/chat/completions` and `/v1/models`."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completion request. `model` may name the served model or anything else: there is one model."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "smollm2-135m", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 64}]})
+
+    model: str | None = Field(default=None, description="ignored: the server has one model")
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, description="new tokens at most")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="new tokens at most (newer name)")
+    temperature: float | None = Field(default=1.0, ge=0, le=2, description="0 for greedy decoding")
+    top_p: float | None = Field(default=1.0, gt=0, le=1)
+    stop: str | list[str] | None = Field(default=None, description="up to 4 strings that end the answer")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="makes sampling repeatable")
+    n: int = Field(default=1, ge=1, le=1, description="only 1 answer per request is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop strings")
+        return stops
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_the_user(cls, messages):
+        if messages[-1].role != "user":
+            raise ValueError("the last message must come from the user")
+        return messages
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "tutorial_api"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape."""
+
+    error: ErrorDetail

@@ -1,0 +1,53 @@
+"""turning tokens into text as they arrive: never half a character, never a stop string."""
+
+
+class TextStream:
+    """decodes tokens incrementally and holds back text that could still become a stop string."""
+
+    def __init__(self, tokenizer, stop=()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.stopped = False
+        self._tokens: list[int] = []
+        self._prefix = 0  # tokens before this index are decoded and final
+        self._read = 0
+        self._text = ""
+        self._sent = 0
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """the text that is now safe to send, and whether a stop string has appeared."""
+        self._tokens.append(token)
+        self._text += self._decode_new()
+        for stop in self.stop:
+            found = self._text.find(stop, max(0, self._sent - len(stop)))
+            if found != -1:
+                self._text = self._text[:found]
+                self.stopped = True
+                return self._take(len(self._text)), True
+        return self._take(len(self._text) - self._held_back()), False
+
+    def flush(self) -> str:
+        """whatever is left once the generation ends."""
+        return self._take(len(self._text))
+
+    def _decode_new(self) -> str:
+        # Decoding a window of recent tokens, and emitting only once it no longer ends in U+FFFD,
+        # keeps multi-byte characters (Chinese, emoji) whole.
+        before = self._decode(self._tokens[self._prefix:self._read])
+        after = self._decode(self._tokens[self._prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._tokens)
+        return after[len(before):]
+
+    def _decode(self, tokens) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _held_back(self) -> int:
+        """how many trailing characters could be the start of a stop string."""
+        return max((k for stop in self.stop for k in range(1, len(stop)) if self._text.endswith(stop[:k])), default=0)
+
+    def _take(self, end: int) -> str:
+        end = max(end, self._sent)
+        piece, self._sent = self._text[self._sent:end], end
+        return piece

@@ -1,0 +1,42 @@
+"""the original tutorial's `POST /`, served by the engine."""
+
+from datetime import datetime
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from tutorial_api.chat import ChatInputError, build_messages
+from tutorial_api.engine import EngineBusy
+from tutorial_api.schemas import TIME_FORMAT, ChatError, ChatRequest, ChatResponse
+from tutorial_api.serving import answer_or_cancel, start_generation
+
+router = APIRouter()
+
+
+@router.post("/", response_model=ChatResponse, responses={422: {"model": ChatError}, 503: {"model": ChatError}})
+async def create_chat(body: ChatRequest, request: Request):
+    """answer `prompt` after `history`, as the original tutorial's endpoint does."""
+    try:
+        generation = start_generation(
+            request, build_messages(body.prompt, body.history),
+            max_length=body.max_length, top_p=body.top_p, temperature=body.temperature,
+        )
+    except ChatInputError as error:
+        return tutorial_error(422, error.field, str(error))
+    except EngineBusy:
+        return tutorial_error(503, "", "The server is busy; try again in a moment.", headers={"Retry-After": "1"})
+    response = await answer_or_cancel(request, generation)
+    if response is None:
+        return tutorial_error(499, "", "The client disconnected.")
+    response = response.strip()
+    return ChatResponse(response=response, history=[*(body.history or []), [body.prompt, response]], time=now())
+
+
+def now() -> str:
+    return datetime.now().strftime(TIME_FORMAT)
+
+
+def tutorial_error(status: int, field: str, message: str, headers=None) -> JSONResponse:
+    """the error shape of `POST /`: the HTTP status, the field to fix, and why."""
+    body = ChatError(status=status, field=field, message=message, time=now())
+    return JSONResponse(body.model_dump(), status, headers=headers)
