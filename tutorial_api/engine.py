@@ -212,8 +212,14 @@ class _Batch:
         input_ids = torch.tensor([[0] * (width - g.prompt_tokens) + g.prompt for g in newcomers], device=device)
         mask = torch.tensor([[0] * (width - g.prompt_tokens) + [1] * g.prompt_tokens for g in newcomers], device=device)
         cache = DynamicCache(config=self.model.config)
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        try:
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        except Exception as error:  # noqa: BLE001 - only the newcomers fail; the running batch is untouched
+            logger.exception("Prefill failed for %d new requests", len(newcomers))
+            for generation in newcomers:
+                generation.fail(error)
+            return
         if self.rows:
             self.decode()
             cache, mask = _merge(self.cache, self.mask, cache, mask)

@@ -50,7 +50,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
-            stop=body.stop,
+            stop=body.stop or (),
         )
     except ChatInputError as error:
         return openai_error(400, str(error), _OPENAI_PARAM.get(error.field, error.field))
