@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from fastapi.testclient import TestClient
+from transformers import Qwen2ForCausalLM
 
 from tutorial_api import chat, create_app, start_server
 
@@ -134,3 +135,24 @@ def test_concurrent_requests_get_their_own_answers(live_server, tiny):
         answers = list(pool.map(ask, prompts))
     for prompt, answer in zip(prompts, answers):
         assert answer["history"] == [[prompt, expected[prompt]]]
+
+
+def test_an_already_loaded_model_can_be_served(tiny):
+    with TestClient(create_app(tiny)) as client:
+        answer = client.post("/", json={"prompt": "你好", "max_length": 60, "temperature": 0}).json()
+        assert answer["response"] == chat(*tiny, "你好", max_length=60, temperature=0)[0]
+        assert client.get("/health").json()["model"] == "Qwen2ForCausalLM"
+
+
+def test_a_model_with_its_own_chat_is_served_on_the_tutorial_endpoint(tiny):
+    class QwenWithOwnChat(Qwen2ForCausalLM):
+        """Qwen-7B-Chat's remote code: model.chat with (query, response) tuples."""
+
+        def chat(self, tokenizer, query, history, **options):
+            return f"echo: {query}", [*history, (query, f"echo: {query}")]
+
+    with TestClient(create_app((QwenWithOwnChat(tiny[0].config), tiny[1]))) as client:
+        answer = client.post("/", json={"prompt": "你好", "history": [["a", "b"]]}).json()
+        assert answer["history"] == [["a", "b"], ["你好", "echo: 你好"]]
+        refused = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "model"

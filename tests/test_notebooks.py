@@ -52,7 +52,7 @@ def test_notebook_runs_twice_in_one_kernel(path, monkeypatch):
     )
     client.reset_execution_trackers()
     seconds = []
-    with client.setup_kernel():
+    with client.setup_kernel(cleanup_kc=True):  # shut the kernel down afterwards, although we made its manager
         for run in ("first", "second"):
             started = time.perf_counter()
             for index, cell in enumerate(notebook.cells):

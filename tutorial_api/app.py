@@ -26,13 +26,15 @@ a request's `model` field may name it or anything else.
 
 
 def create_app(model=None, *, device=None, dtype=None, max_batch_size=16, max_waiting=64) -> FastAPI:
-    """the FastAPI app serving `model` (a preset, hub id or folder; default $TUTORIAL_API_MODEL)."""
-    model_name = model or Settings().model
+    """the FastAPI app serving `model`: a preset, hub id or folder (default $TUTORIAL_API_MODEL),
+    or a `(model, tokenizer)` pair already loaded."""
+    loaded = model if isinstance(model, tuple) else None
+    model_name = (loaded[0].name_or_path or type(loaded[0]).__name__) if loaded else model or Settings().model
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         logger.info("Loading model %s", model_name)
-        loaded_model, tokenizer = await asyncio.to_thread(load_model, model_name, device=device, dtype=dtype)
+        loaded_model, tokenizer = loaded or await asyncio.to_thread(load_model, model_name, device=device, dtype=dtype)
         app.state.engine = Engine(loaded_model, tokenizer, max_batch_size=max_batch_size, max_waiting=max_waiting)
         logger.info("Model %s is ready", model_name)
         try:

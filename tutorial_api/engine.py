@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from tutorial_api.chat import chat
 from tutorial_api.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
@@ -133,8 +134,19 @@ class Engine:
         self._wakeup = threading.Condition()
         self._closing = False
         self._batch = _Batch(model)
+        self._legacy_turn = asyncio.Lock()
         self._worker = threading.Thread(target=self._run, name="tutorial-api-engine", daemon=True)
         self._worker.start()
+
+    @property
+    def legacy(self) -> bool:
+        """Qwen-7B-Chat's remote code decodes with its own model.chat: one request at a time, no batching."""
+        return callable(getattr(self.model, "chat", None))
+
+    async def legacy_chat(self, prompt, history, **options):
+        """`chat()` for a legacy model, off the event loop, one request at a time: `(response, history)`."""
+        async with self._legacy_turn:
+            return await asyncio.to_thread(chat, self.model, self.tokenizer, prompt, history, **options)
 
     @property
     def active(self) -> int:

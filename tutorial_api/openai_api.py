@@ -40,6 +40,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """a chat completion; with `stream`, `chat.completion.chunk` events and a final `[DONE]`."""
     limits = [limit for limit in (body.max_tokens, body.max_completion_tokens) if limit]
     engine = request.app.state.engine
+    if engine.legacy:
+        return openai_error(400, "This model's remote code has its own chat(): it is served on POST / only.", "model")
     try:
         generation = start_generation(
             request,

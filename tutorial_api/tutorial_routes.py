@@ -16,11 +16,13 @@ router = APIRouter()
 @router.post("/", response_model=ChatResponse, responses={422: {"model": ChatError}, 503: {"model": ChatError}})
 async def create_chat(body: ChatRequest, request: Request):
     """answer `prompt` after `history`, as the original tutorial's endpoint does."""
+    options = {"max_length": body.max_length, "top_p": body.top_p, "temperature": body.temperature}
+    engine = request.app.state.engine
     try:
-        generation = start_generation(
-            request, build_messages(body.prompt, body.history),
-            max_length=body.max_length, top_p=body.top_p, temperature=body.temperature,
-        )
+        if engine.legacy:
+            response, history = await engine.legacy_chat(body.prompt, body.history, **options)
+            return ChatResponse(response=response, history=history, time=now())
+        generation = start_generation(request, build_messages(body.prompt, body.history), **options)
     except ChatInputError as error:
         return tutorial_error(422, error.field, str(error))
     except EngineBusy:
