@@ -1,5 +1,4 @@
 import json
-import logging
 import re
 import threading
 import time
@@ -84,7 +83,8 @@ def test_bad_input_gets_a_422_naming_the_field(client, body, field):
     assert field.split("[")[0] in error["message"] or field == "body"
 
 
-@pytest.mark.parametrize("raw", [b"not json", b'{"prompt": "hi"', b""], ids=["text", "truncated", "empty"])
+@pytest.mark.parametrize("raw", [b"not json", b'{"prompt": "hi"', b"", b'{"prompt": "\x80"}'],
+                         ids=["text", "truncated", "empty", "not-utf-8"])
 def test_a_body_that_is_not_json_gets_a_422(client, raw):
     answer = client.post("/", content=raw, headers={"Content-Type": "application/json"})
     assert answer.status_code == 422
@@ -97,15 +97,6 @@ def test_openapi_documents_the_error_shape(client):
     assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatError")
     assert set(schema["components"]["schemas"]["ChatRequest"]["properties"]) == {
         "prompt", "history", "max_length", "top_p", "temperature"}
-
-
-def test_user_text_cannot_forge_log_lines(client, caplog):
-    caplog.set_level(logging.INFO, logger="tutorial_api")
-    forged = "hi\n2026-01-01 00:00:00 INFO tutorial_api.requests: POST / admin=1\r"
-    assert client.post("/", json={"prompt": forged, "max_length": 120, "temperature": 0}).status_code == 200
-    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /")]
-    assert "\n" not in line and "\r" not in line and "admin" not in line
-    assert re.fullmatch(r"POST / prompt_tokens=\d+ completion_tokens=\d+ finish=\w+ seconds=[\d.]+", line)
 
 
 def test_health_answers_while_a_generation_runs(live_server):
@@ -156,3 +147,25 @@ def test_a_model_with_its_own_chat_is_served_on_the_tutorial_endpoint(tiny):
         assert answer["history"] == [["a", "b"], ["你好", "echo: 你好"]]
         refused = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "model"
+
+
+def test_cross_origin_calls_are_off_by_default(client):
+    preflight = client.options("/", headers={"Origin": "http://localhost:3000",
+                                             "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_cross_origin_calls_come_only_from_the_configured_origins():
+    client = TestClient(create_app("tiny-qwen2", cors_origins=["http://localhost:3000"]))
+
+    def preflight(origin):
+        return client.options("/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+
+    allowed = preflight("http://localhost:3000")
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    assert preflight("http://elsewhere.example").status_code == 400
+    models = client.get("/v1/models", headers={"Origin": "http://localhost:3000"})
+    assert "x-request-id" in models.headers["access-control-expose-headers"].lower()

@@ -36,6 +36,11 @@ def test_temperature_zero_is_greedy_whatever_the_seed(tiny):
     assert len(answers) == 1
 
 
+def test_a_vanishing_temperature_is_greedy_instead_of_overflowing(tiny):
+    greedy = chat(*tiny, "Tell me a story", max_new_tokens=10, temperature=0)[0]
+    assert chat(*tiny, "Tell me a story", max_new_tokens=10, temperature=5e-324)[0] == greedy
+
+
 def test_positive_temperature_samples(tiny):
     answers = set()
     for seed in range(3):

@@ -4,7 +4,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
+
+from tutorial_api.cli import main
 
 
 def free_port() -> int:
@@ -38,6 +41,8 @@ def test_serve_listens_on_loopback_answers_and_stops_on_ctrl_c():
     assert server.returncode == 0
     assert f"http://127.0.0.1:{port}" in output
     assert "Shutting down" in output
+    assert "tutorial_api.requests: id=" in output and "method=POST path=/ status=200" in output
+    assert '"POST / HTTP/1.1"' not in output  # the kit's line replaces uvicorn's access log
 
 
 def test_chat_answers_one_prompt_in_the_terminal():
@@ -53,3 +58,50 @@ def test_help_names_the_presets_and_the_default_port():
     result = subprocess.run([sys.executable, "-m", "tutorial_api", "serve", "--help"],
                             capture_output=True, text=True, timeout=60)
     assert "qwen2.5-7b-instruct" in result.stdout and "6006" in result.stdout and "127.0.0.1" in result.stdout
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """what `serve` would run: uvicorn.run is replaced, so nothing listens and no model loads."""
+    runs = []
+    monkeypatch.setattr("tutorial_api.cli.uvicorn.run", lambda app, host, port, **_: runs.append((app, host, port)))
+    return runs
+
+
+def test_flags_set_the_settings_and_replace_the_environment(served, monkeypatch):
+    monkeypatch.setenv("TUTORIAL_API_KEYS", "from-env:zzz")
+    monkeypatch.setenv("TUTORIAL_API_MAX_NEW_TOKENS", "99")
+    main(["serve", "--model", "tiny-qwen2", "--port", "7007", "--api-key", "alice:aaa", "--api-key", "bbb",
+          "--max-new-tokens", "64", "--request-timeout", "30", "--cors-origin", "http://localhost:3000"])
+    [(app, host, port)] = served
+    settings = app.state.settings
+    assert (host, port, settings.model) == ("127.0.0.1", 7007, "tiny-qwen2")
+    assert [key.name for key in app.state.keys] == ["alice", "key2"]
+    assert (settings.max_new_tokens, settings.request_timeout, settings.cors_origins) == (64, 30.0, ("http://localhost:3000",))
+    main(["serve", "--model", "tiny-qwen2"])
+    assert [key.name for key in served[1][0].state.keys] == ["from-env"]
+    assert served[1][0].state.settings.max_new_tokens == 99
+
+
+def test_sharing_without_keys_is_loudly_warned(served, caplog):
+    main(["serve", "--model", "tiny-qwen2", "--host", "0.0.0.0"])
+    assert "WITHOUT ANY API KEY" in caplog.text and "--api-key" in caplog.text
+    caplog.clear()
+    main(["serve", "--model", "tiny-qwen2", "--host", "0.0.0.0", "--api-key", "alice:aaa"])
+    assert "WITHOUT ANY API KEY" not in caplog.text and "1 keys" in caplog.text
+    caplog.clear()
+    main(["serve", "--model", "tiny-qwen2"])
+    assert "WARNING" not in caplog.text
+
+
+def test_an_unreadable_key_file_stops_the_start_clearly(served, tmp_path):
+    with pytest.raises(SystemExit, match="Cannot start: .*missing-keys.txt"):
+        main(["serve", "--model", "tiny-qwen2", "--api-key-file", str(tmp_path / "missing-keys.txt")])
+    assert not served
+
+
+def test_help_shows_how_many_keys_never_a_key(monkeypatch):
+    monkeypatch.setenv("TUTORIAL_API_KEYS", "alice:very-secret")
+    result = subprocess.run([sys.executable, "-m", "tutorial_api", "serve", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert "very-secret" not in result.stdout and "now: 1 keys" in result.stdout

@@ -105,6 +105,7 @@ BAD_REQUESTS = {
     "several-answers": ({"messages": MESSAGES, "n": 2}, "n"),
     "five-stop-strings": ({"messages": MESSAGES, "stop": list("abcde")}, "stop"),
     "negative-seed": ({"messages": MESSAGES, "seed": -1}, "seed"),
+    "temperature-as-bool": ({"messages": MESSAGES, "temperature": False}, "temperature"),
     "longer-than-context": ({"messages": [{"role": "user", "content": "word " * 1100}]}, "messages"),
 }
 
@@ -119,17 +120,20 @@ def test_bad_input_gets_an_openai_error(client, body, param):
 
 
 def test_malformed_json_and_unknown_paths_keep_the_openai_shape(server):
-    answer = requests.post(f"{server.url}/v1/chat/completions", data="{", headers={"Content-Type": "application/json"})
-    assert answer.status_code == 400 and answer.json()["error"]["param"] == "body"
+    for raw in (b"{", b'{"messages": "\x80"}'):
+        answer = requests.post(f"{server.url}/v1/chat/completions", data=raw,
+                               headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "body"
     missing = requests.get(f"{server.url}/v1/nothing-here")
     assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_a_full_queue_answers_503_with_retry_after(one_slot_server):
     url = f"{one_slot_server.url}/v1/chat/completions"
-    long = {"messages": MESSAGES, "max_tokens": 900, "stream": True}
+    long = {"messages": MESSAGES, "max_tokens": 900, "temperature": 0, "stream": True}  # greedy: never ends early
     with requests.post(url, json=long, stream=True) as running, requests.post(url, json=long, stream=True) as waiting:
-        next(running.iter_lines())
+        lines = running.iter_lines()  # kept: a dropped iterator closes the connection, and the server cancels
+        next(lines)
         deadline = time.monotonic() + 10
         while requests.get(f"{one_slot_server.url}/health").json()["active_requests"] < 2:
             assert time.monotonic() < deadline

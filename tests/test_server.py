@@ -81,3 +81,31 @@ def test_a_port_held_by_another_process_fails_fast_and_clearly(kernel):
         with pytest.raises(AssertionError, match=f"PortInUse: .*Port {port} on 127.0.0.1 is already in use"):
             kernel.run(f"start_server(app, port={port})")
         assert time.monotonic() - started < 5
+
+
+OPEN_SOCKETS = """
+def open_sockets():
+    targets = []
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            targets.append(os.readlink(f'/proc/self/fd/{fd}'))
+        except FileNotFoundError:  # the descriptor listdir itself used
+            pass
+    return sum(target.startswith('socket:') for target in targets)
+"""
+
+
+def test_ten_reruns_of_a_serving_cell_leak_no_thread_port_or_socket(kernel):
+    port = free_port()
+    cell = (f"server = start_server(create_app('tiny-qwen2'), port={port}, log_level='warning')\n"
+            "print(requests.post(server.url, json={'prompt': 'hi', 'max_length': 40}).status_code)")
+    # One run first loads what later runs reuse; gc.collect() lets earlier tests' leftovers go (and warn) now.
+    kernel.run(f"import gc, os, threading\nfrom tutorial_api import create_app\n{cell}\nserver.stop()\ngc.collect()")
+    kernel.run(OPEN_SOCKETS)
+    threads_and_sockets = "print(sorted(t.name for t in threading.enumerate()), open_sockets())"
+    before = kernel.run(threads_and_sockets)
+    for _ in range(10):
+        assert kernel.run(cell) == "200"
+    kernel.run("server.stop()")
+    assert port_is_free(port)
+    assert kernel.run(threads_and_sockets) == before

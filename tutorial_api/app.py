@@ -3,18 +3,24 @@
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException
 
 from tutorial_api import openai_api, tutorial_routes
+from tutorial_api.access import keys_from, require_key
+from tutorial_api.docs import add_docs
 from tutorial_api.engine import Engine
+from tutorial_api.errors import http_error, invalid_request
+from tutorial_api.limits import BodyLimit, Slots, concurrency_slot
 from tutorial_api.models import load_model
-from tutorial_api.openai_api import openai_error
-from tutorial_api.schemas import Health
+from tutorial_api.openai_schemas import ErrorResponse
+from tutorial_api.request_log import RequestLog
+from tutorial_api.schemas import ChatError, Health
 from tutorial_api.settings import Settings
-from tutorial_api.tutorial_routes import tutorial_error
 
 logger = logging.getLogger(__name__)
 
@@ -25,62 +31,59 @@ a request's `model` field may name it or anything else.
 """
 
 
-def create_app(model=None, *, device=None, dtype=None, max_batch_size=16, max_waiting=64) -> FastAPI:
-    """the FastAPI app serving `model`: a preset, hub id or folder (default $TUTORIAL_API_MODEL),
-    or a `(model, tokenizer)` pair already loaded."""
+def create_app(model=None, settings: Settings | None = None, *, device=None, dtype=None, **overrides) -> FastAPI:
+    """the FastAPI app serving `model`: a preset, hub id or folder (default: the settings' model), or a
+    `(model, tokenizer)` pair already loaded. `settings` default to the environment's; `overrides` change any of
+    their fields, e.g. `create_app("tiny-qwen2", api_keys=["alice:s3cret"], max_new_tokens=64)`."""
+    settings = replace(settings or Settings(), **overrides)
     loaded = model if isinstance(model, tuple) else None
-    model_name = (loaded[0].name_or_path or type(loaded[0]).__name__) if loaded else model or Settings().model
+    model_name = (loaded[0].name_or_path or type(loaded[0]).__name__) if loaded else model or settings.model
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         logger.info("Loading model %s", model_name)
         loaded_model, tokenizer = loaded or await asyncio.to_thread(load_model, model_name, device=device, dtype=dtype)
-        app.state.engine = Engine(loaded_model, tokenizer, max_batch_size=max_batch_size, max_waiting=max_waiting)
+        app.state.engine = Engine(loaded_model, tokenizer, max_batch_size=settings.max_batch_size,
+                                  max_waiting=settings.max_waiting)
         logger.info("Model %s is ready", model_name)
         try:
             yield
         finally:
             app.state.engine.close()
 
-    app = FastAPI(title="tutorial_api", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="tutorial_api", description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.model_name = model_name
-    app.add_exception_handler(RequestValidationError, _invalid_request)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.include_router(tutorial_routes.router)
-    app.include_router(openai_api.router)
+    app.state.settings = settings
+    app.state.keys = keys_from(settings)
+    app.state.slots = Slots(settings.max_concurrent_per_key) if settings.max_concurrent_per_key else None
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
+    app.include_router(tutorial_routes.router, **_guards(app, ChatError))
+    app.include_router(openai_api.router, **_guards(app, ErrorResponse))
     app.add_api_route("/health", _health, methods=["GET"], response_model=Health)
+    add_docs(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID", "Retry-After"])
+    app.add_middleware(RequestLog)  # the outermost: it logs every request, CORS preflights and refusals too
     return app
+
+
+def _guards(app: FastAPI, error_model) -> dict:
+    """a router's API key check and concurrency slot, as the settings ask, with the answers they add documented."""
+    settings, dependencies, responses = app.state.settings, [], {}
+    if app.state.keys:
+        dependencies.append(Depends(require_key))
+        responses[401] = {"model": error_model, "description": "a missing or unknown API key"}
+    if app.state.slots:
+        dependencies.append(Depends(concurrency_slot, scope="request"))
+        responses[429] = {"model": error_model, "description": "too many requests in flight for this key"}
+    if settings.request_timeout is not None:
+        responses[504] = {"model": error_model, "description": "no answer within the request timeout"}
+    return {"dependencies": dependencies, "responses": responses}
 
 
 async def _health(request: Request) -> Health:
     """200 once the model is loaded, with how many requests are generating or waiting."""
     return Health(model=request.app.state.model_name, active_requests=request.app.state.engine.active)
-
-
-def _is_openai(request: Request) -> bool:
-    return request.url.path.startswith("/v1/")
-
-
-async def _invalid_request(request: Request, error: RequestValidationError):
-    """pydantic's errors in each API's own shape, naming the first offending field."""
-    problems = [_describe(problem) for problem in error.errors()]
-    message = "; ".join(message for _, message in problems)
-    if _is_openai(request):
-        return openai_error(400, message, problems[0][0])
-    return tutorial_error(422, problems[0][0], message)
-
-
-async def _http_error(request: Request, error: HTTPException):
-    if _is_openai(request):
-        return openai_error(error.status_code, str(error.detail), None, headers=error.headers)
-    return tutorial_error(error.status_code, "", str(error.detail), headers=error.headers)
-
-
-def _describe(problem: dict) -> tuple[str, str]:
-    location = problem["loc"][1:] if problem["loc"][:1] == ("body",) else problem["loc"]
-    if problem["type"] == "json_invalid":
-        return "body", f"The body is not valid JSON: {problem['ctx']['error']}."
-    if not location:
-        return "body", "The body must be a JSON object, sent with Content-Type: application/json."
-    field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
-    return field, f"{field}: {problem['msg']}"

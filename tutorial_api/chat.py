@@ -10,6 +10,8 @@ from tutorial_api.models import context_length
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_TOP_P = 0.7
 DEFAULT_TEMPERATURE = 0.95
+# Below this temperature sampling picks the likeliest token anyway, and dividing the logits by it can overflow.
+GREEDY_BELOW = 1e-5
 
 
 class ChatInputError(ValueError):
@@ -38,9 +40,9 @@ def build_messages(prompt, history=None, system=None) -> list[dict]:
 
 
 def sampling_options(temperature=None, top_p=None) -> dict:
-    """generate() arguments: temperature 0 means greedy decoding, never a silent default."""
+    """generate() arguments: temperature 0 (or below GREEDY_BELOW) means greedy decoding, never a silent default."""
     temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": temperature, "top_p": DEFAULT_TOP_P if top_p is None else top_p}
 

@@ -2,6 +2,8 @@
 
 import argparse
 import logging
+import sys
+from dataclasses import fields
 
 import uvicorn
 
@@ -18,11 +20,27 @@ def main(argv=None) -> None:
 
 
 def _serve(args) -> None:
-    print(f"Loading {args.model}, then serving on http://{args.host}:{args.port} "
+    settings = _settings_from(args)
+    print(f"Loading {settings.model}, then serving on http://{settings.host}:{settings.port} "
           f"(interactive docs at /docs). Press Ctrl+C to stop.", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        logging.warning("Listening on %s: every machine that can reach this one can use the API.", args.host)
-    uvicorn.run(create_app(args.model), host=args.host, port=args.port)
+    try:
+        app = create_app(settings=settings)
+    except (OSError, ValueError) as error:  # an unreadable key file, an empty key
+        sys.exit(f"Cannot start: {error}")
+    if not settings.loopback_only:
+        _warn_about_sharing(settings.host, len(app.state.keys))
+    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False)  # the kit logs each request
+
+
+def _warn_about_sharing(host: str, keys: int) -> None:
+    """a note when keys guard a shared server; a loud warning when nothing does."""
+    if keys:
+        logging.warning("Listening on %s: every machine that can reach this one can call the API with one of its "
+                        "%d keys.", host, keys)
+        return
+    logging.warning("\n%s\nLISTENING ON %s WITHOUT ANY API KEY: every machine that can reach this one can use the "
+                    "API, and this computer with it.\nGive each student a key: --api-key NAME:KEY (repeatable) or "
+                    "--api-key-file FILE.\n%s", "!" * 78, host, "!" * 78)
 
 
 def _chat(args) -> None:
@@ -32,23 +50,44 @@ def _chat(args) -> None:
     print(response)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _settings_from(args) -> Settings:
+    """the settings of the environment, with the flags given on the command line instead."""
     settings = Settings()
+    for setting in fields(Settings):
+        given = getattr(args, setting.name)
+        if given is not None:
+            setattr(settings, setting.name, tuple(given) if setting.metadata["many"] else given)
+    return settings
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    """one flag per setting, documented with its environment variable and its current value."""
+    current = Settings()
+    for setting in fields(Settings):
+        about = setting.metadata
+        value = getattr(current, setting.name)
+        shown = ", ".join(map(str, value)) if about["many"] else value
+        if setting.name == "api_keys":
+            shown = f"{len(value)} keys" if value else None  # never print a key
+        help_text = f"{about['help']} (${about['env']}; now: {'none' if shown in (None, '') else shown})"
+        parser.add_argument(about["flag"], dest=setting.name, metavar=about["flag"][2:].upper().replace("-", "_"),
+                            type=about["parse"], default=None,
+                            action="append" if about["many"] else "store", help=help_text)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tutorial_api", description=__doc__)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    model_help = f"a preset ({', '.join(PRESETS)}), a hub id or a local folder (default: {settings.model})"
+    presets = f"model presets: {', '.join(PRESETS)}"
 
-    serve = commands.add_parser("serve", help="start the chat API")
-    serve.add_argument("--model", default=settings.model, help=model_help)
-    serve.add_argument("--host", default=settings.host,
-                       help=f"address to listen on (default {settings.host}: this machine only; "
-                            "0.0.0.0 shares it on the network)")
-    serve.add_argument("--port", type=int, default=settings.port, help=f"port (default {settings.port})")
+    serve = commands.add_parser("serve", help="start the chat API", epilog=presets)
+    _add_settings(serve)
     serve.set_defaults(run=_serve)
 
-    one_off = commands.add_parser("chat", help="answer one prompt in the terminal")
+    one_off = commands.add_parser("chat", help="answer one prompt in the terminal", epilog=presets)
     one_off.add_argument("prompt")
-    one_off.add_argument("--model", default=settings.model, help=model_help)
+    one_off.add_argument("--model", default=Settings().model,
+                         help="a preset (listed below), a hub id or a local folder")
     one_off.add_argument("--temperature", type=float, default=0, help="0 for greedy decoding (default)")
     one_off.add_argument("--max-length", type=int, default=None, help="total token budget, prompt included")
     one_off.add_argument("--system", default=None, help="a system message")

@@ -9,14 +9,16 @@ class ChatAPIError(RuntimeError):
     """the server refused the request; the message is the server's own."""
 
 
-def get_completion(prompt, history=None, url=None, *, timeout=600, **settings):
+def get_completion(prompt, history=None, url=None, *, api_key=None, timeout=600, **settings):
     """ask the server at `url` (default http://127.0.0.1:6006) and return `(response, history)`.
 
-    `settings` are the optional request fields: max_length, top_p, temperature.
+    `api_key` is needed when the server has keys. `settings` are the optional request fields: max_length, top_p,
+    temperature.
     """
     answer = requests.post(
         url or Settings().url,
         json={"prompt": prompt, "history": history or [], **settings},
+        headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
         timeout=timeout,
     )
     body = answer.json()

@@ -5,11 +5,11 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 
 from tutorial_api.chat import ChatInputError
 from tutorial_api.engine import EngineBusy
+from tutorial_api.errors import Refusal
 from tutorial_api.models import context_length
 from tutorial_api.openai_schemas import (
     ChatCompletion,
@@ -18,14 +18,15 @@ from tutorial_api.openai_schemas import (
     ModelCard,
     ModelList,
     Usage,
+    openai_error,
 )
-from tutorial_api.serving import answer_or_cancel, log_generation, start_generation
+from tutorial_api.serving import answer_or_cancel, start_generation, stream_or_timeout
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 # Our names for request fields, as OpenAI's clients know them.
-_OPENAI_PARAM = {"prompt": "messages", "max_length": "max_tokens"}
-_ERRORS = {400: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+_OPENAI_PARAM = {"prompt": "messages", "history": "messages", "max_length": "max_tokens"}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 503)}
 
 
 @router.get("/models", response_model=ModelList)
@@ -38,7 +39,8 @@ async def list_models(request: Request):
     **_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "with `stream`: server-sent events"}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """a chat completion; with `stream`, `chat.completion.chunk` events and a final `[DONE]`."""
-    limits = [limit for limit in (body.max_tokens, body.max_completion_tokens) if limit]
+    budgets = {name: value for name in ("max_tokens", "max_completion_tokens") if (value := getattr(body, name))}
+    budget_field = min(budgets, key=budgets.get, default=None)
     engine = request.app.state.engine
     if engine.legacy:
         return openai_error(400, "This model's remote code has its own chat(): it is served on POST / only.", "model")
@@ -48,7 +50,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             [{"role": message.role, "content": message.text} for message in body.messages],
             # Unlike the tutorial's max_length, OpenAI's budget leaves the whole context to the answer.
             max_length=context_length(engine.model, engine.tokenizer),
-            max_new_tokens=min(limits) if limits else None,
+            max_new_tokens=budgets.get(budget_field),
+            budget_field=budget_field,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
@@ -83,25 +86,19 @@ async def _events(request, generation, completion_id, created, model, include_us
 
     try:
         yield delta({"role": "assistant", "content": ""})
-        async for piece in generation.stream():
+        async for piece in stream_or_timeout(request, generation):
             yield delta({"content": piece})
         yield delta({}, generation.finish_reason)
         if include_usage:
             yield event([], usage=_usage(generation).model_dump())
         yield format_sse_event(data_str="[DONE]")
     except Exception as error:  # noqa: BLE001 - the status line is sent: report in the stream
-        yield format_sse_event(data_str=json.dumps({"error": {"message": str(error), "type": "server_error"}}))
-    finally:
-        log_generation(request, generation)
+        refusal = isinstance(error, Refusal)
+        detail = {"message": error.detail if refusal else str(error), "type": "server_error",
+                  "code": error.code if refusal else None}
+        yield format_sse_event(data_str=ErrorResponse(error=detail).model_dump_json())
 
 
 def _usage(generation) -> Usage:
     return Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens,
                  total_tokens=generation.prompt_tokens + generation.completion_tokens)
-
-
-def openai_error(status: int, message: str, param: str | None, kind: str = "invalid_request_error",
-                 code: str | None = None, headers=None) -> JSONResponse:
-    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    body = ErrorResponse(error={"message": message, "type": kind, "param": param, "code": code})
-    return JSONResponse(body.model_dump(), status, headers=headers)

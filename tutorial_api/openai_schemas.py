@@ -2,15 +2,24 @@
 
 from typing import Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+# Requests are validated strictly, as their JSON schema says: `"temperature": false` is refused, not read as 0.
+STRICT = ConfigDict(strict=True)
+
+
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
+    model_config = STRICT
+
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -20,13 +29,15 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
     """OpenAI's chat completion request. `model` may name the served model or anything else: there is one model."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
+    model_config = ConfigDict(strict=True, json_schema_extra={"examples": [
         {"model": "smollm2-135m", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 64}]})
 
     model: str | None = Field(default=None, description="ignored: the server has one model")
@@ -106,3 +117,10 @@ class ErrorResponse(BaseModel):
     """OpenAI's error shape."""
 
     error: ErrorDetail
+
+
+def openai_error(status: int, message: str, param: str | None, kind: str = "invalid_request_error",
+                 code: str | None = None, headers=None) -> JSONResponse:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    body = ErrorResponse(error={"message": message, "type": kind, "param": param, "code": code})
+    return JSONResponse(body.model_dump(), status, headers=headers)

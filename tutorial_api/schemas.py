@@ -1,7 +1,9 @@
 """request and response bodies of the tutorial's `POST /`, and its error shape."""
 
+from datetime import datetime
 from typing import Annotated
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 HistoryPair = Annotated[list[str], Field(min_length=2, max_length=2)]
@@ -59,3 +61,13 @@ class Health(BaseModel):
     status: str = "ok"
     model: str
     active_requests: int = Field(description="requests generating or waiting")
+
+
+def now() -> str:
+    return datetime.now().strftime(TIME_FORMAT)
+
+
+def tutorial_error(status: int, field: str, message: str, headers=None) -> JSONResponse:
+    """the error shape of `POST /`: the HTTP status, the field to fix, and why."""
+    body = ChatError(status=status, field=field, message=message, time=now())
+    return JSONResponse(body.model_dump(), status, headers=headers)

@@ -1,42 +1,76 @@
-"""between HTTP and the engine: start a generation for a request, wait for it, log it."""
+"""between HTTP and the engine: start a generation for a request within the server's limits, then wait for it."""
 
 import asyncio
-import logging
 import time
 
 from fastapi import Request
 
 from tutorial_api.chat import prepare
+from tutorial_api.errors import Refusal
+from tutorial_api.limits import check_tokens, check_turns
 
-logger = logging.getLogger("tutorial_api.requests")
+# How often a waiting request checks whether its client is still there.
+_DISCONNECT_POLL_SECONDS = 0.25
 
 
-def start_generation(request: Request, messages, *, seed=None, stop=(), **budget_and_sampling):
-    """tokenize and queue a chat; raises ChatInputError before any compute, EngineBusy when the queue is full."""
-    engine = request.app.state.engine
+def start_generation(request: Request, messages, *, budget_field=None, seed=None, stop=(), **budget_and_sampling):
+    """tokenize and queue a chat; raises ChatInputError before any compute, EngineBusy when the queue is full.
+
+    `budget_field` names the request field that set the answer's budget, when the client set one.
+    """
+    engine, settings = request.app.state.engine, request.app.state.settings
+    check_turns(messages, settings)
     prepared = prepare(engine.model, engine.tokenizer, messages, **budget_and_sampling)
-    return engine.submit(prepared, seed=seed, stop=stop)
+    check_tokens(prepared, settings, budget_field)
+    generation = engine.submit(prepared, seed=seed, stop=stop)
+    request.state.generation = generation  # for the request log
+    return generation
 
 
 async def answer_or_cancel(request: Request, generation) -> str | None:
-    """the whole answer; None, with the generation cancelled, if the client disconnects first."""
+    """the whole answer; None, with the generation cancelled, if the client disconnects first; a 504 past the
+    request timeout."""
     answer = asyncio.ensure_future(generation.text())
     try:
         while not answer.done():
-            await asyncio.wait({answer}, timeout=0.25)
+            left = _seconds_left(request, generation)
+            if left == 0:
+                raise _timed_out(request, generation)
+            await asyncio.wait({answer}, timeout=_DISCONNECT_POLL_SECONDS if left is None else
+                               min(_DISCONNECT_POLL_SECONDS, left))
             if not answer.done() and await request.is_disconnected():
                 generation.cancel()
                 return None
         return answer.result()
     finally:
         answer.cancel()
-        log_generation(request, generation)
 
 
-def log_generation(request: Request, generation) -> None:
-    """one line per request, with counts only: user text never enters the log."""
-    logger.info(
-        "%s %s prompt_tokens=%d completion_tokens=%d finish=%s seconds=%.2f",
-        request.method, request.url.path, generation.prompt_tokens, generation.completion_tokens,
-        generation.finish_reason or "cancelled", time.perf_counter() - generation.started,
-    )
+async def stream_or_timeout(request: Request, generation):
+    """the answer's text pieces as they are decoded; a 504 Refusal, with the generation cancelled, past the
+    request timeout."""
+    pieces = generation.stream()
+    try:
+        while True:
+            try:
+                yield await asyncio.wait_for(anext(pieces), _seconds_left(request, generation))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise _timed_out(request, generation) from None
+    finally:
+        await pieces.aclose()
+
+
+def _seconds_left(request: Request, generation) -> float | None:
+    """seconds until the request timeout, counted from the generation's start; None without a timeout."""
+    timeout = request.app.state.settings.request_timeout
+    return None if timeout is None else max(0.0, generation.started + timeout - time.perf_counter())
+
+
+def _timed_out(request: Request, generation) -> Refusal:
+    generation.cancel()
+    timeout = request.app.state.settings.request_timeout
+    return Refusal(504, f"The answer took longer than this server's limit (request_timeout) of {timeout:g} seconds "
+                        "and was cancelled. Ask for a shorter answer, or try again when the server is less busy.",
+                   code="timeout")

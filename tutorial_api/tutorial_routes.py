@@ -1,19 +1,17 @@
 """the original tutorial's `POST /`, served by the engine."""
 
-from datetime import datetime
-
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from tutorial_api.chat import ChatInputError, build_messages
 from tutorial_api.engine import EngineBusy
-from tutorial_api.schemas import TIME_FORMAT, ChatError, ChatRequest, ChatResponse
+from tutorial_api.schemas import ChatError, ChatRequest, ChatResponse, now, tutorial_error
 from tutorial_api.serving import answer_or_cancel, start_generation
 
 router = APIRouter()
 
 
-@router.post("/", response_model=ChatResponse, responses={422: {"model": ChatError}, 503: {"model": ChatError}})
+@router.post("/", response_model=ChatResponse, responses={
+    status: {"model": ChatError} for status in (413, 422, 503)})
 async def create_chat(body: ChatRequest, request: Request):
     """answer `prompt` after `history`, as the original tutorial's endpoint does."""
     options = {"max_length": body.max_length, "top_p": body.top_p, "temperature": body.temperature}
@@ -22,7 +20,8 @@ async def create_chat(body: ChatRequest, request: Request):
         if engine.legacy:
             response, history = await engine.legacy_chat(body.prompt, body.history, **options)
             return ChatResponse(response=response, history=history, time=now())
-        generation = start_generation(request, build_messages(body.prompt, body.history), **options)
+        generation = start_generation(request, build_messages(body.prompt, body.history),
+                                      budget_field=None if body.max_length is None else "max_length", **options)
     except ChatInputError as error:
         return tutorial_error(422, error.field, str(error))
     except EngineBusy:
@@ -32,13 +31,3 @@ async def create_chat(body: ChatRequest, request: Request):
         return tutorial_error(499, "", "The client disconnected.")
     response = response.strip()
     return ChatResponse(response=response, history=[*(body.history or []), [body.prompt, response]], time=now())
-
-
-def now() -> str:
-    return datetime.now().strftime(TIME_FORMAT)
-
-
-def tutorial_error(status: int, field: str, message: str, headers=None) -> JSONResponse:
-    """the error shape of `POST /`: the HTTP status, the field to fix, and why."""
-    body = ChatError(status=status, field=field, message=message, time=now())
-    return JSONResponse(body.model_dump(), status, headers=headers)

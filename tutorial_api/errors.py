@@ -1,0 +1,54 @@
+"""refusals and request errors, answered in each API's own error shape: the tutorial's on `POST /`, OpenAI's on
+`/v1`."""
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from tutorial_api.openai_schemas import openai_error
+from tutorial_api.schemas import tutorial_error
+
+
+class Refusal(HTTPException):
+    """a request the server will not serve: `field` names what to fix, `code` is OpenAI's error code."""
+
+    def __init__(self, status: int, message: str, *, field: str = "", code: str | None = None, headers=None):
+        super().__init__(status, message, headers)
+        self.field = field
+        self.code = code
+
+
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+async def http_error(request: Request, error: HTTPException):
+    """a refusal, or FastAPI's and Starlette's own errors, in the shape of the API the request was for."""
+    if error.status_code == 400 and not isinstance(error, Refusal):
+        # FastAPI's answer to a body it cannot read as text; POST / answers every bad body with 422.
+        error = Refusal(400 if _is_openai(request) else 422, "The body is not valid JSON: it must be UTF-8 text.",
+                        field="body")
+    field, code = getattr(error, "field", ""), getattr(error, "code", None)
+    if _is_openai(request):
+        kind = "server_error" if error.status_code >= 500 else "invalid_request_error"
+        return openai_error(error.status_code, str(error.detail), field or None, kind, code, headers=error.headers)
+    return tutorial_error(error.status_code, field, str(error.detail), headers=error.headers)
+
+
+async def invalid_request(request: Request, error: RequestValidationError):
+    """pydantic's errors in each API's own shape, naming the first offending field."""
+    problems = [_describe(problem) for problem in error.errors()]
+    message = "; ".join(message for _, message in problems)
+    if _is_openai(request):
+        return openai_error(400, message, problems[0][0])
+    return tutorial_error(422, problems[0][0], message)
+
+
+def _describe(problem: dict) -> tuple[str, str]:
+    location = problem["loc"][1:] if problem["loc"][:1] == ("body",) else problem["loc"]
+    if problem["type"] == "json_invalid":
+        return "body", f"The body is not valid JSON: {problem['ctx']['error']}."
+    if not location:
+        return "body", "The body must be a JSON object, sent with Content-Type: application/json."
+    field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
+    return field, f"{field}: {problem['msg']}"

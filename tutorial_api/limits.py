@@ -1,0 +1,101 @@
+"""the server's limits on one request: its body's size, its conversation's length, its answer's budget, and how
+many requests one caller may have in flight. Each refusal names the limit, as its setting is called."""
+
+from collections import Counter
+from contextlib import contextmanager
+
+from fastapi import Request
+from starlette.datastructures import Headers
+
+from tutorial_api.chat import ChatInputError
+from tutorial_api.errors import Refusal
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413, by its Content-Length at once, else as its bytes arrive."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        received = 0
+
+        async def receive_counted():
+            nonlocal received
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise self._too_large()
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise self._too_large()
+            return message
+
+        await self.app(scope, receive_counted, send)
+
+    def _too_large(self) -> Refusal:
+        # Raised while the route reads its body, so the app's error handler answers in the route's API's shape.
+        return Refusal(413, f"The request body is larger than this server's limit (max_body_bytes) of "
+                            f"{self.max_bytes} bytes.", field="body", code="request_too_large")
+
+
+def check_turns(messages: list[dict], settings) -> None:
+    """refuses a conversation with more earlier turns (user messages before the last) than max_history_turns."""
+    turns = sum(message["role"] == "user" for message in messages) - 1
+    if settings.max_history_turns is not None and turns > settings.max_history_turns:
+        raise ChatInputError("history", f"The conversation carries {turns} earlier turns, more than this server's "
+                                        f"limit (max_history_turns) of {settings.max_history_turns}. "
+                                        "Drop the oldest turns.")
+
+
+def check_tokens(prepared, settings, budget_field: str | None) -> None:
+    """refuses a prompt over max_prompt_tokens, and a budget set by `budget_field` that would let the answer run
+    past max_new_tokens; a budget the client did not set is lowered to max_new_tokens instead."""
+    prompt_tokens = prepared.input_ids.shape[-1]
+    if settings.max_prompt_tokens is not None and prompt_tokens > settings.max_prompt_tokens:
+        raise ChatInputError("prompt", f"The prompt and history take {prompt_tokens} tokens, more than this "
+                                       f"server's limit (max_prompt_tokens) of {settings.max_prompt_tokens}. "
+                                       "Shorten the prompt or drop old history turns.")
+    limit = settings.max_new_tokens
+    if limit is None or prepared.max_new_tokens <= limit:
+        return
+    if budget_field is None:
+        prepared.max_new_tokens = limit
+        return
+    highest = prompt_tokens + limit if budget_field == "max_length" else limit
+    raise ChatInputError(budget_field, f"{budget_field} allows an answer of {prepared.max_new_tokens} tokens, more "
+                                       f"than this server's limit (max_new_tokens) of {limit} new tokens per "
+                                       f"request. Set {budget_field} to at most {highest}, or leave it out.")
+
+
+class Slots:
+    """how many requests each caller has in flight, held to at most `limit` (max_concurrent_per_key)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.busy: Counter[str] = Counter()
+
+    @contextmanager
+    def hold(self, caller: str):
+        """one slot for `caller` while the block runs; 429 with Retry-After when all of them are taken."""
+        if self.busy[caller] >= self.limit:
+            raise Refusal(429, f"{caller} already has as many requests in flight as this server allows "
+                               f"(max_concurrent_per_key is {self.limit}). Wait for an answer, then ask again.",
+                          code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        self.busy[caller] += 1
+        try:
+            yield
+        finally:
+            self.busy[caller] -= 1
+            if not self.busy[caller]:
+                del self.busy[caller]
+
+
+async def concurrency_slot(request: Request):
+    """a dependency holding one of the caller's slots (its key's name, else its address) until the answer is sent."""
+    caller = getattr(request.state, "key_name", None) or (request.client.host if request.client else "unknown")
+    with request.app.state.slots.hold(caller):
+        yield

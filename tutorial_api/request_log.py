@@ -1,0 +1,66 @@
+"""one log line per request, for the teacher: who asked, what for, how it ended and how long it took.
+
+The line is `key=value` pairs; a value with anything but plain characters is written as a JSON string, so text
+from a client (a path, a key's name) can never start a line of its own. The request's id comes back to the
+client in the X-Request-ID header, to find its line.
+"""
+
+import json
+import logging
+import re
+import time
+import uuid
+
+logger = logging.getLogger("tutorial_api.requests")
+
+_PLAIN = re.compile(r"[\w./:@+-]+", re.ASCII)
+
+
+class RequestLog:
+    """ASGI middleware: an id for each request, sent back as X-Request-ID, and one line once the answer is sent."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = uuid.uuid4().hex[:16]
+        state = scope.setdefault("state", {})
+        started = time.perf_counter()
+        status = 500  # unless the app answers: an unhandled error becomes a 500 outside this middleware
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logger.info(log_line(request_id, scope, state, status, time.perf_counter() - started))
+
+
+def log_line(request_id: str, scope, state: dict, status: int, seconds: float) -> str:
+    """the request's log line: id, key name, method, path, status, token counts, how it ended, seconds."""
+    generation = state.get("generation")
+    fields = {
+        "id": request_id,
+        "key": state.get("key_name", "-"),
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": status,
+        "prompt_tokens": generation.prompt_tokens if generation else 0,
+        "completion_tokens": generation.completion_tokens if generation else 0,
+        "finish": (generation.finish_reason if generation else None) or "-",
+        "cancelled": "yes" if generation and generation.cancelled else "no",
+        "seconds": f"{seconds:.3f}",
+    }
+    return " ".join(f"{name}={_value(value)}" for name, value in fields.items())
+
+
+def _value(value) -> str:
+    text = str(value)
+    return text if _PLAIN.fullmatch(text) else json.dumps(text)
