@@ -38,3 +38,8 @@ def test_defaults_keep_the_tutorials_server_open_and_on_this_machine(monkeypatch
                                                 ("::", False), ("my-laptop.local", False)])
 def test_loopback_only(host, loopback):
     assert Settings(host=host).loopback_only is loopback
+
+
+def test_a_client_reaches_a_wildcard_host_on_loopback(monkeypatch):
+    monkeypatch.setenv("TUTORIAL_API_HOST", "0.0.0.0")
+    assert Settings().url == "http://127.0.0.1:6006"

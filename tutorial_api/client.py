@@ -21,7 +21,10 @@ def get_completion(prompt, history=None, url=None, *, api_key=None, timeout=600,
         headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
         timeout=timeout,
     )
-    body = answer.json()
+    try:
+        body = answer.json()
+    except ValueError:
+        raise ChatAPIError(f"{answer.status_code}: {answer.text[:200]}") from None
     if not answer.ok:
-        raise ChatAPIError(f"{answer.status_code} {body.get('field', '')}: {body.get('message', body)}")
+        raise ChatAPIError(f"{answer.status_code}: {body.get('message', body)}")
     return body["response"], body["history"]
