@@ -1,4 +1,6 @@
+import copy
 import os
+import time
 
 import pytest
 
@@ -32,3 +34,26 @@ def serve():
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server():
+    """the tiny model's app with default settings on a free loopback port, shared by the tests that call it."""
+    server = start_server(create_app("tiny-qwen2"), port=0, log_level="warning")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def slow_tiny(tiny):
+    """the tiny model slowed to 20 ms a decoding step, so a long answer reliably outlasts a test's checks."""
+    model, tokenizer = tiny
+    slow = copy.deepcopy(model)
+    fast_forward = slow.forward
+
+    def forward(*args, **kwargs):
+        time.sleep(0.02)
+        return fast_forward(*args, **kwargs)
+
+    slow.forward = forward
+    return slow, tokenizer

@@ -18,13 +18,6 @@ def client():
         yield client
 
 
-@pytest.fixture(scope="module")
-def live_server():
-    server = start_server(create_app("tiny-qwen2"), port=0, log_level="warning")
-    yield server
-    server.stop()
-
-
 def test_the_tutorials_requests_call_gets_the_four_fields(client):
     data = {"prompt": "你好", "history": [], "max_length": 80, "temperature": 0}
     answer = client.post("/", headers={"Content-Type": "application/json"}, content=json.dumps(data))
@@ -99,15 +92,15 @@ def test_openapi_documents_the_error_shape(client):
         "prompt", "history", "max_length", "top_p", "temperature"}
 
 
-def test_health_answers_while_a_generation_runs(live_server):
-    long_request = threading.Thread(target=requests.post, args=(live_server.url,),
+def test_health_answers_while_a_generation_runs(tiny_server):
+    long_request = threading.Thread(target=requests.post, args=(tiny_server.url,),
                                     kwargs={"json": {"prompt": "Tell me a story", "temperature": 0}})
     long_request.start()
     time.sleep(0.5)
     latencies = []
     for _ in range(10):
         started = time.perf_counter()
-        assert requests.get(f"{live_server.url}/health").status_code == 200
+        assert requests.get(f"{tiny_server.url}/health").status_code == 200
         latencies.append(time.perf_counter() - started)
     still_generating = long_request.is_alive()
     long_request.join()
@@ -115,12 +108,12 @@ def test_health_answers_while_a_generation_runs(live_server):
     assert max(latencies) < 0.5
 
 
-def test_concurrent_requests_get_their_own_answers(live_server, tiny):
+def test_concurrent_requests_get_their_own_answers(tiny_server, tiny):
     prompts = [f"Question number {n}" for n in range(6)]
     expected = {p: chat(*tiny, p, max_length=70, temperature=0)[0] for p in prompts}
 
     def ask(prompt):
-        return requests.post(live_server.url, json={"prompt": prompt, "max_length": 70, "temperature": 0}).json()
+        return requests.post(tiny_server.url, json={"prompt": prompt, "max_length": 70, "temperature": 0}).json()
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         answers = list(pool.map(ask, prompts))

@@ -1,27 +1,20 @@
 import pytest
 
-from tutorial_api import create_app, get_completion, start_server
+from tutorial_api import get_completion
 from tutorial_api.client import ChatAPIError
 
 
-@pytest.fixture(scope="module")
-def server():
-    server = start_server(create_app("tiny-qwen2"), port=0, log_level="warning")
-    yield server
-    server.stop()
-
-
-def test_get_completion_returns_the_answer_and_the_history(server):
-    response, history = get_completion("你好", url=server.url, max_length=60, temperature=0)
+def test_get_completion_returns_the_answer_and_the_history(tiny_server):
+    response, history = get_completion("你好", url=tiny_server.url, max_length=60, temperature=0)
     assert isinstance(response, str)
     assert history == [["你好", response]]
-    again, longer = get_completion("给这个故事起一个标题", history, url=server.url, max_length=100, temperature=0)
+    again, longer = get_completion("给这个故事起一个标题", history, url=tiny_server.url, max_length=100, temperature=0)
     assert longer == [["你好", response], ["给这个故事起一个标题", again]]
 
 
-def test_get_completion_raises_the_servers_message(server):
+def test_get_completion_raises_the_servers_message(tiny_server):
     with pytest.raises(ChatAPIError, match="422: temperature: Input should be less than or equal to 2"):
-        get_completion("hi", url=server.url, temperature=5)
+        get_completion("hi", url=tiny_server.url, temperature=5)
 
 
 def test_get_completion_sends_the_api_key(serve):

@@ -1,4 +1,3 @@
-import copy
 import json
 import logging
 import time
@@ -12,8 +11,7 @@ from tutorial_api.limits import Slots
 
 MESSAGES = [{"role": "user", "content": "Tell me a story"}]
 ALICE, BOB = {"Authorization": "Bearer alice-key"}, {"Authorization": "Bearer bob-key"}
-LONG = {"messages": MESSAGES, "max_tokens": 900, "temperature": 0}  # greedy: runs the whole budget
-STEP_SECONDS = 0.02
+LONG = {"messages": MESSAGES, "max_tokens": 900, "temperature": 0}  # greedy, on the slow model: about 18 s
 
 
 @pytest.fixture(scope="module")
@@ -23,21 +21,6 @@ def limited():
                                      max_history_turns=2), port=0, log_level="warning")
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def slow_tiny(tiny):
-    """the tiny model, slowed to STEP_SECONDS a decoding step: LONG takes 18 s, a one-token answer a blink."""
-    model, tokenizer = tiny
-    slow = copy.deepcopy(model)
-    fast_forward = slow.forward
-
-    def forward(*args, **kwargs):
-        time.sleep(STEP_SECONDS)
-        return fast_forward(*args, **kwargs)
-
-    slow.forward = forward
-    return slow, tokenizer
 
 
 @pytest.fixture(scope="module")

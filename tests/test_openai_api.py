@@ -13,21 +13,14 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 
 
 @pytest.fixture(scope="module")
-def server():
-    server = start_server(create_app("tiny-qwen2"), port=0, log_level="warning")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0)
+def client(tiny_server):
+    return openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="not-needed", max_retries=0)
 
 
 @pytest.fixture
-def one_slot_server():
-    """a server that decodes one request at a time and lets one more wait."""
-    server = start_server(create_app("tiny-qwen2", max_batch_size=1, max_waiting=1), port=0, log_level="warning")
+def one_slot_server(slow_tiny):
+    """a server that decodes one request at a time and lets one more wait, on the slowed tiny model."""
+    server = start_server(create_app(slow_tiny, max_batch_size=1, max_waiting=1), port=0, log_level="warning")
     yield server
     server.stop()
 
@@ -72,8 +65,8 @@ def test_streaming_with_the_official_client(client, tiny):
     assert not any("\ufffd" in (c.choices[0].delta.content or "") for c in chunks if c.choices)
 
 
-def test_stream_without_usage_ends_with_done(server):
-    with requests.post(f"{server.url}/v1/chat/completions", stream=True, json={
+def test_stream_without_usage_ends_with_done(tiny_server):
+    with requests.post(f"{tiny_server.url}/v1/chat/completions", stream=True, json={
             "messages": MESSAGES, "max_tokens": 3, "stream": True}) as answer:
         assert answer.headers["content-type"].startswith("text/event-stream")
         events = [line for line in answer.iter_lines(decode_unicode=True) if line.startswith("data: ")]
@@ -119,12 +112,12 @@ def test_bad_input_gets_an_openai_error(client, body, param):
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
 
 
-def test_malformed_json_and_unknown_paths_keep_the_openai_shape(server):
+def test_malformed_json_and_unknown_paths_keep_the_openai_shape(tiny_server):
     for raw in (b"{", b'{"messages": "\x80"}'):
-        answer = requests.post(f"{server.url}/v1/chat/completions", data=raw,
+        answer = requests.post(f"{tiny_server.url}/v1/chat/completions", data=raw,
                                headers={"Content-Type": "application/json"})
         assert answer.status_code == 400 and answer.json()["error"]["param"] == "body"
-    missing = requests.get(f"{server.url}/v1/nothing-here")
+    missing = requests.get(f"{tiny_server.url}/v1/nothing-here")
     assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
 
 
@@ -169,8 +162,8 @@ def test_a_non_streaming_disconnect_is_cancelled_too(one_slot_server):
         time.sleep(0.01)
 
 
-def test_the_tutorial_endpoint_shares_the_engine(server, client, tiny):
-    answer = requests.post(server.url, json={"prompt": "给我讲一个故事", "history": [], "temperature": 0,
+def test_the_tutorial_endpoint_shares_the_engine(tiny_server, client, tiny):
+    answer = requests.post(tiny_server.url, json={"prompt": "给我讲一个故事", "history": [], "temperature": 0,
                                              "max_length": 60}).json()
     expected = chat(*tiny, "给我讲一个故事", max_length=60, temperature=0)[0]
     assert answer["response"] == expected
