@@ -162,3 +162,20 @@ def test_cross_origin_calls_come_only_from_the_configured_origins():
     assert preflight("http://elsewhere.example").status_code == 400
     models = client.get("/v1/models", headers={"Origin": "http://localhost:3000"})
     assert "x-request-id" in models.headers["access-control-expose-headers"].lower()
+
+
+def test_a_full_queue_answers_503_on_the_tutorial_endpoint(slow_tiny):
+    server = start_server(create_app(slow_tiny, max_batch_size=1, max_waiting=1), port=0, log_level="warning")
+    long = {"prompt": "Tell me a story", "temperature": 0}
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for _ in range(2):  # one decoding, one waiting; each gives up after 3 s, which cancels it
+                pool.submit(requests.post, server.url, json=long, timeout=3)
+            deadline = time.monotonic() + 10
+            while requests.get(f"{server.url}/health").json()["active_requests"] < 2:
+                assert time.monotonic() < deadline
+            refused = requests.post(server.url, json={"prompt": "hi"})
+    finally:
+        server.stop()
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert refused.json()["status"] == 503 and "busy" in refused.json()["message"]

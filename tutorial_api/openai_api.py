@@ -8,7 +8,6 @@ from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse, format_sse_event
 
 from tutorial_api.chat import ChatInputError
-from tutorial_api.engine import EngineBusy
 from tutorial_api.errors import Refusal
 from tutorial_api.models import context_length
 from tutorial_api.openai_schemas import (
@@ -59,9 +58,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         )
     except ChatInputError as error:
         return openai_error(400, str(error), _OPENAI_PARAM.get(error.field, error.field))
-    except EngineBusy:
-        return openai_error(503, "The server is busy; try again in a moment.", None, "server_error",
-                            headers={"Retry-After": "1"})
     completion_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), request.app.state.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -6,6 +6,7 @@ import time
 from fastapi import Request
 
 from tutorial_api.chat import prepare
+from tutorial_api.engine import EngineBusy
 from tutorial_api.errors import Refusal
 from tutorial_api.limits import check_tokens, check_turns
 
@@ -14,7 +15,7 @@ _DISCONNECT_POLL_SECONDS = 0.25
 
 
 def start_generation(request: Request, messages, *, budget_field=None, seed=None, stop=(), **budget_and_sampling):
-    """tokenize and queue a chat; raises ChatInputError before any compute, EngineBusy when the queue is full.
+    """tokenize and queue a chat; raises ChatInputError before any compute, a 503 Refusal when the queue is full.
 
     `budget_field` names the request field that set the answer's budget, when the client set one.
     """
@@ -22,7 +23,10 @@ def start_generation(request: Request, messages, *, budget_field=None, seed=None
     check_turns(messages, settings)
     prepared = prepare(engine.model, engine.tokenizer, messages, **budget_and_sampling)
     check_tokens(prepared, settings, budget_field)
-    generation = engine.submit(prepared, seed=seed, stop=stop)
+    try:
+        generation = engine.submit(prepared, seed=seed, stop=stop)
+    except EngineBusy:
+        raise Refusal(503, "The server is busy; try again in a moment.", headers={"Retry-After": "1"}) from None
     request.state.generation = generation  # for the request log
     return generation
 

@@ -3,7 +3,6 @@
 from fastapi import APIRouter, Request
 
 from tutorial_api.chat import ChatInputError, build_messages
-from tutorial_api.engine import EngineBusy
 from tutorial_api.schemas import ChatError, ChatRequest, ChatResponse, now, tutorial_error
 from tutorial_api.serving import answer_or_cancel, start_generation
 
@@ -24,8 +23,6 @@ async def create_chat(body: ChatRequest, request: Request):
                                       budget_field=None if body.max_length is None else "max_length", **options)
     except ChatInputError as error:
         return tutorial_error(422, error.field, str(error))
-    except EngineBusy:
-        return tutorial_error(503, "", "The server is busy; try again in a moment.", headers={"Retry-After": "1"})
     response = await answer_or_cancel(request, generation)
     if response is None:
         return tutorial_error(499, "", "The client disconnected.")
