@@ -18,7 +18,7 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 # Generous: a cell waits for at most one sampled answer, which can ramble for a minute or two on a slow CPU.
 CELL_TIMEOUT = 600
 # Paths of a developer's machine have no place in a notebook that learners download.
-MACHINE_PATHS = ("/tmp/", "/work/", "/home/", "/root/", "/Users/", "C:\\")
+MACHINE_PATHS = ("/tmp/", "/home/", "/root/", "/Users/", "C:\\")
 
 
 def _kernel_manager() -> KernelManager:
