@@ -166,11 +166,14 @@ def test_cross_origin_calls_come_only_from_the_configured_origins():
 
 def test_a_full_queue_answers_503_on_the_tutorial_endpoint(slow_tiny):
     server = start_server(create_app(slow_tiny, max_batch_size=1, max_waiting=1), port=0, log_level="warning")
-    long = {"prompt": "Tell me a story", "temperature": 0}
+    long = {"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 900, "temperature": 0,
+            "stream": True}
     try:
-        with ThreadPoolExecutor(2) as pool:
-            for _ in range(2):  # one decoding, one waiting; each gives up after 3 s, which cancels it
-                pool.submit(requests.post, server.url, json=long, timeout=3)
+        with requests.post(f"{server.url}/v1/chat/completions", json=long, stream=True) as running, \
+                ThreadPoolExecutor(1) as pool:
+            lines = running.iter_lines()  # kept: dropping it would hang up, and the server would cancel
+            next(lines)  # the first request is decoding: the next one waits, and one more finds the queue full
+            pool.submit(requests.post, server.url, json={"prompt": "Tell me a story", "temperature": 0}, timeout=3)
             deadline = time.monotonic() + 10
             while requests.get(f"{server.url}/health").json()["active_requests"] < 2:
                 assert time.monotonic() < deadline

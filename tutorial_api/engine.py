@@ -150,8 +150,8 @@ class Engine:
 
     @property
     def active(self) -> int:
-        """how many requests are decoding or waiting."""
-        return len(self._batch.rows) + len(self._waiting)
+        """how many requests are decoding or waiting; a finished one no longer counts, even before it leaves the batch."""
+        return sum(1 for generation in self._batch.rows if generation.finish_reason is None) + len(self._waiting)
 
     def submit(self, prepared, *, seed=None, stop=()) -> Generation:
         """queue a prepared chat; raises EngineBusy when the queue is full. Call from the event loop."""

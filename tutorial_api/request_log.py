@@ -17,7 +17,7 @@ _PLAIN = re.compile(r"[\w./:@+-]+", re.ASCII)
 
 
 class RequestLog:
-    """ASGI middleware: an id for each request, sent back as X-Request-ID, and one line once the answer is sent."""
+    """ASGI middleware: an id for each request, sent back as X-Request-ID, and one line as the answer ends."""
 
     def __init__(self, app):
         self.app = app
@@ -29,18 +29,27 @@ class RequestLog:
         state = scope.setdefault("state", {})
         started = time.perf_counter()
         status = 500  # unless the app answers: an unhandled error becomes a 500 outside this middleware
+        logged = False
+
+        def write_line():
+            nonlocal logged
+            if not logged:
+                logged = True
+                logger.info(log_line(request_id, scope, state, status, time.perf_counter() - started))
 
         async def send_with_id(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                write_line()  # before the last byte leaves: a client holding its answer finds the line written
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            logger.info(log_line(request_id, scope, state, status, time.perf_counter() - started))
+            write_line()
 
 
 def log_line(request_id: str, scope, state: dict, status: int, seconds: float) -> str:
