@@ -174,7 +174,7 @@ class Engine:
 
     def _run(self) -> None:
         with torch.inference_mode():
-            while self._next_newcomers() is not None:
+            while self._wait_for_work():
                 try:
                     self._step()
                 except Exception as error:  # noqa: BLE001 - a failed step must not kill the worker
@@ -183,12 +183,12 @@ class Engine:
                         generation.fail(error)
                     self._batch = _Batch(self.model)
 
-    def _next_newcomers(self):
-        """wait for work; None when closing."""
+    def _wait_for_work(self) -> bool:
+        """block until a request waits or decodes; False once the engine is closing."""
         with self._wakeup:
             while not self._closing and not self._waiting and not self._batch.rows:
                 self._wakeup.wait()
-            return None if self._closing else True
+            return not self._closing
 
     def _step(self) -> None:
         with self._wakeup:
