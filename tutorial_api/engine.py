@@ -197,7 +197,7 @@ class Engine:
         newcomers = [g for g in newcomers if not (g.cancelled and g.finish("cancelled"))]
         if newcomers:
             self._batch.admit(newcomers)
-        else:
+        elif self._batch.rows:
             self._batch.decode()
         self.steps += 1
         self.largest_batch = max(self.largest_batch, len(self._batch.rows))
