@@ -362,7 +362,7 @@ def capacity_table(url: str, keys: list, model: str, args) -> bool:
     warm_up(url, keys, min(16, max(args.class_sizes)), args.duration / 4, [completion])
     for students in args.class_sizes:
         for share in args.asking:
-            asking = max(1, round(students * share / 100))
+            asking = math.ceil(students * share / 100)
             results, elapsed = load(url, keys, asking, args.duration, [completion])
             wait_until_idle(url)
             figures = summary(results, elapsed)
