@@ -369,11 +369,12 @@ def capacity_table(url: str, keys: list, model: str, args) -> bool:
             kinds = figures["kinds"]
             failed += kinds["failed"]
             rows.append(f"| {students} | {asking} | {kinds['answered']} | {kinds['refused']} | {kinds['failed']} | "
-                        f"{seconds(figures['p50'])} | {seconds(figures['p95'])} | {figures['tokens_per_s']:.0f} | "
+                        f"{seconds(figures['p50'])} | {seconds(figures['p95'])} | {figures['tokens_per_s']:.1f} | "
                         f"{figures['tokens_per_s'] / asking:.1f} |")
             print(rows[-1], file=sys.stderr, flush=True)
     where = (f"the server at {url}, answers up to its --max-new-tokens" if args.url else
-             f"a server this script started, {os.cpu_count()} CPU cores, answers up to {args.new_tokens} tokens")
+             f"a server this script started, {os.cpu_count()} CPU cores, answers up to {args.new_tokens} tokens"
+             + (f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if "OMP_WAIT_POLICY" in os.environ else ""))
     server = f"--url {url}" if args.url else f"--model {model} --new-tokens {args.new_tokens}"
     command = (f"python benchmarks/soak.py --table {server} --duration {args.duration:g} --class-sizes "
                f"{' '.join(map(str, args.class_sizes))} --asking {' '.join(f'{share:g}' for share in args.asking)}")
