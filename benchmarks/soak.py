@@ -368,7 +368,9 @@ def capacity_table(url: str, keys: list, model: str, args) -> bool:
             figures = summary(results, elapsed)
             kinds = figures["kinds"]
             failed += kinds["failed"]
-            rows.append(f"| {students} | {asking} | {kinds['answered']} | {kinds['refused']} | {kinds['failed']} | "
+            statuses = ", ".join(f"{count}x {status}" for status, count in sorted(figures["refusals"].items()))
+            turned_away = f"{kinds['refused']} ({statuses})" if statuses else "0"
+            rows.append(f"| {students} | {asking} | {kinds['answered']} | {turned_away} | {kinds['failed']} | "
                         f"{seconds(figures['p50'])} | {seconds(figures['p95'])} | {figures['tokens_per_s']:.1f} | "
                         f"{figures['tokens_per_s'] / asking:.1f} |")
             print(rows[-1], file=sys.stderr, flush=True)

@@ -40,7 +40,7 @@ def test_the_soak_script_accepts_the_runbook_commands(language, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "class-keys.txt").write_text("student01:a-key\n")
     rehearsals = commands(RUNBOOKS[language].read_text(), "python benchmarks/soak.py")
-    assert len(rehearsals) == 3 and any("--table" in argv for argv in rehearsals)
+    assert any("--table" in argv for argv in rehearsals) and any("--table" not in argv for argv in rehearsals)
     for argv in rehearsals:
         soak.parse_args(argv)
 
