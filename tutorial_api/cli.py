@@ -1,4 +1,5 @@
-"""the command line: `serve` starts the chat API, `chat` answers one prompt in the terminal."""
+"""the command line: `serve` starts the chat API, `chat` answers one prompt in the terminal, `keys` makes a class's
+API keys."""
 
 import argparse
 import logging
@@ -9,6 +10,7 @@ import uvicorn
 
 from tutorial_api.app import create_app
 from tutorial_api.chat import chat
+from tutorial_api.class_keys import class_keys, student_sheet, write_key_file
 from tutorial_api.models import PRESETS, load_model
 from tutorial_api.settings import Settings
 
@@ -48,6 +50,21 @@ def _chat(args) -> None:
     response, _ = chat(model, tokenizer, args.prompt, temperature=args.temperature, max_length=args.max_length,
                        system=args.system)
     print(response)
+
+
+def _keys(args) -> None:
+    try:
+        keys = class_keys(args.count, args.prefix)
+        write_key_file(args.file, keys, overwrite=args.force)
+    except FileExistsError:
+        sys.exit(f"{args.file} already exists, and students may hold its keys: pick another --file, or pass --force "
+                 f"to replace it.")
+    except (OSError, ValueError) as error:
+        sys.exit(f"Cannot make the keys: {error}")
+    print(f"Wrote {len(keys)} keys to {args.file}. Serve the class with\n"
+          f"    python -m tutorial_api serve --host 0.0.0.0 --api-key-file {args.file}\n"
+          f"and hand each student their line (name, server address, key):", file=sys.stderr)
+    print("\n".join(student_sheet(keys, args.url)))
 
 
 def _settings_from(args) -> Settings:
@@ -92,4 +109,13 @@ def _parser() -> argparse.ArgumentParser:
     one_off.add_argument("--max-length", type=int, default=None, help="total token budget, prompt included")
     one_off.add_argument("--system", default=None, help="a system message")
     one_off.set_defaults(run=_chat)
+
+    keys = commands.add_parser("keys", help="write a class's API keys to a key file and print the student sheet")
+    keys.add_argument("count", type=int, help="how many keys: one per student or group")
+    keys.add_argument("--prefix", default="student", help="the keys' names: PREFIX01, PREFIX02 ... (default: student)")
+    keys.add_argument("--file", default="class-keys.txt", help="the key file to write (default: class-keys.txt)")
+    keys.add_argument("--force", action="store_true", help="replace the key file if it exists")
+    keys.add_argument("--url", default=f"http://ADDRESS:{Settings().port}",
+                      help="the server's address as students type it, e.g. http://192.168.1.23:6006")
+    keys.set_defaults(run=_keys)
     return parser
