@@ -1,9 +1,7 @@
-"""a cache of GGUF models converted to transformers' own format, safe for processes that load the same model at once.
+"""a cache of GGUF models converted to transformers' own format, shared safely by processes that load at once.
 
-Each conversion lives in its own folder named for its source (the GGUF file and the transformers version), built in
-a temporary folder under a file lock and published with one atomic rename: a reader finds either nothing or a whole
-folder, never half of one. Each start compares the files' sizes and modification times with the folder's manifest;
-the SHA-256 of each file is recorded when it is converted.
+Each conversion gets a folder named for its source, built under a file lock and published by one atomic rename, so a
+reader finds nothing or a whole folder; a start compares sizes and times with its manifest instead of hashing.
 """
 
 import hashlib
