@@ -61,7 +61,7 @@ def test_two_processes_loading_at_once_from_an_empty_cache_both_succeed_and_conv
     assert sum(output.count("model_cache: Building") for output in outputs) == 1, outputs
 
 
-def test_a_loader_arriving_during_a_conversion_waits_and_never_sees_a_half_written_folder(cache):
+def test_a_loader_arriving_during_a_conversion_waits_and_never_sees_a_half_written_folder(cache, caplog):
     halfway, finish, waiting = threading.Event(), threading.Event(), threading.Event()
 
     def slow_build(folder):
@@ -76,8 +76,8 @@ def test_a_loader_arriving_during_a_conversion_waits_and_never_sees_a_half_writt
                 waiting.set()
 
     notice = NoticeWaiting()
+    caplog.set_level(logging.INFO, logger="tutorial_api.model_cache")
     logging.getLogger("tutorial_api.model_cache").addHandler(notice)
-    logging.getLogger("tutorial_api.model_cache").setLevel(logging.INFO)
     quick_build, found = write_weights(b"a second conversion"), {}
     writer = threading.Thread(target=lambda: found.update(writer=model_cache._cached(cache, "model", slow_build)))
     reader = threading.Thread(target=lambda: found.update(reader=model_cache._cached(cache, "model", quick_build)))
