@@ -1,3 +1,4 @@
+import os
 import signal
 import socket
 import subprocess
@@ -8,6 +9,7 @@ import pytest
 import requests
 
 from tutorial_api.cli import main
+from tutorial_api.server import PortInUse, bind
 
 
 def free_port() -> int:
@@ -62,41 +64,49 @@ def test_help_names_the_presets_and_the_default_port():
 
 @pytest.fixture
 def served(monkeypatch):
-    """what `serve` would run: uvicorn.run is replaced, so nothing listens and no model loads."""
+    """what `serve` would run: uvicorn's server loop is replaced, so nothing is served and no model loads."""
     runs = []
-    monkeypatch.setattr("tutorial_api.cli.uvicorn.run", lambda app, host, port, **_: runs.append((app, host, port)))
+
+    def run(server, sockets):
+        [listener] = sockets
+        runs.append((server.config.app, *listener.getsockname()))
+        listener.close()
+
+    monkeypatch.setattr("tutorial_api.cli.uvicorn.Server.run", run)
     return runs
 
 
 def test_flags_set_the_settings_and_replace_the_environment(served, monkeypatch):
     monkeypatch.setenv("TUTORIAL_API_KEYS", "from-env:zzz")
     monkeypatch.setenv("TUTORIAL_API_MAX_NEW_TOKENS", "99")
-    main(["serve", "--model", "tiny-qwen2", "--port", "7007", "--api-key", "alice:aaa", "--api-key", "bbb",
+    monkeypatch.setenv("TUTORIAL_API_PORT", "not-a-port")  # a flag replaces it, so it is never read
+    port = free_port()
+    main(["serve", "--model", "tiny-qwen2", "--port", str(port), "--api-key", "alice:aaa", "--api-key", "bbb",
           "--max-new-tokens", "64", "--request-timeout", "30", "--cors-origin", "http://localhost:3000"])
-    [(app, host, port)] = served
+    [(app, host, bound)] = served
     settings = app.state.settings
-    assert (host, port, settings.model) == ("127.0.0.1", 7007, "tiny-qwen2")
+    assert (host, bound, settings.port, settings.model) == ("127.0.0.1", port, port, "tiny-qwen2")
     assert [key.name for key in app.state.keys] == ["alice", "key2"]
     assert (settings.max_new_tokens, settings.request_timeout, settings.cors_origins) == (64, 30.0, ("http://localhost:3000",))
-    main(["serve", "--model", "tiny-qwen2"])
+    main(["serve", "--model", "tiny-qwen2", "--port", "0"])
     assert [key.name for key in served[1][0].state.keys] == ["from-env"]
     assert served[1][0].state.settings.max_new_tokens == 99
 
 
 def test_sharing_without_keys_is_loudly_warned(served, caplog):
-    main(["serve", "--model", "tiny-qwen2", "--host", "0.0.0.0"])
+    main(["serve", "--model", "tiny-qwen2", "--host", "0.0.0.0", "--port", "0"])
     assert "WITHOUT ANY API KEY" in caplog.text and "--api-key" in caplog.text
     caplog.clear()
-    main(["serve", "--model", "tiny-qwen2", "--host", "0.0.0.0", "--api-key", "alice:aaa"])
+    main(["serve", "--model", "tiny-qwen2", "--host", "0.0.0.0", "--port", "0", "--api-key", "alice:aaa"])
     assert "WITHOUT ANY API KEY" not in caplog.text and "1 keys" in caplog.text
     caplog.clear()
-    main(["serve", "--model", "tiny-qwen2"])
+    main(["serve", "--model", "tiny-qwen2", "--port", "0"])
     assert "WARNING" not in caplog.text
 
 
 def test_an_unreadable_key_file_stops_the_start_clearly(served, tmp_path):
     with pytest.raises(SystemExit, match="Cannot start: .*missing-keys.txt"):
-        main(["serve", "--model", "tiny-qwen2", "--api-key-file", str(tmp_path / "missing-keys.txt")])
+        main(["serve", "--model", "tiny-qwen2", "--port", "0", "--api-key-file", str(tmp_path / "missing-keys.txt")])
     assert not served
 
 
@@ -105,3 +115,42 @@ def test_help_shows_how_many_keys_never_a_key(monkeypatch):
     result = subprocess.run([sys.executable, "-m", "tutorial_api", "serve", "--help"],
                             capture_output=True, text=True, timeout=60)
     assert "very-secret" not in result.stdout and "now: 1 keys" in result.stdout
+
+
+def test_help_works_whatever_the_environment_says():
+    environment = {**os.environ, "TUTORIAL_API_PORT": "abc", "TUTORIAL_API_MAX_BATCH_SIZE": "0",
+                   "TUTORIAL_API_REQUEST_TIMEOUT": "soon"}
+    result = subprocess.run([sys.executable, "-m", "tutorial_api", "serve", "--help"], env=environment,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "now: 'abc', which is not valid" in " ".join(result.stdout.split()) and "qwen2.5-7b-instruct" in result.stdout
+
+
+def test_a_bad_setting_stops_serve_before_loading_naming_the_flag_and_the_variable(tmp_path, served):
+    environment = {**os.environ, "TUTORIAL_API_MAX_BATCH_SIZE": "zero", "TUTORIAL_API_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "tutorial_api", "serve", "--model", "tiny-qwen2"],
+                            env=environment, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Loading" not in result.stdout
+    assert "Cannot start: $TUTORIAL_API_MAX_BATCH_SIZE must be a whole number" in result.stderr
+    assert "--max-batch-size" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit, match=r"max_batch_size must be .* --max-batch-size or \$TUTORIAL_API_MAX_BATCH_SIZE"):
+        main(["serve", "--model", "tiny-qwen2", "--port", "0", "--max-batch-size", "0"])
+    assert not served
+
+
+def test_serve_on_a_busy_port_says_so_before_loading_the_model(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(PortInUse) as expected:
+            bind("127.0.0.1", port, another_port="--port {}")
+        result = subprocess.run(
+            [sys.executable, "-m", "tutorial_api", "serve", "--model", "tiny-qwen2", "--port", str(port)],
+            env={**os.environ, "TUTORIAL_API_CACHE": str(tmp_path / "cache")},
+            capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Cannot start: {expected.value.strerror}"
+    assert f"Port {port} on 127.0.0.1 is already in use" in result.stderr and f"--port {port + 1}" in result.stderr
+    assert "Loading" not in result.stdout and not (tmp_path / "cache").exists()  # no model work began

@@ -1,4 +1,5 @@
 import logging
+import os
 
 import pytest
 import torch
@@ -95,12 +96,12 @@ def test_gguf_cache_is_built_once_then_trusted_only_while_intact(tmp_path, monke
         load_model("smollm2-135m")
         built = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Building")]
         caplog.clear()
-        return sorted(message.rsplit("/", 1)[-1] for message in built)
+        return sorted(message.rsplit("/", 1)[-1].split("-")[0] for message in built)  # model-KEY: model
 
     assert builds() == ["model", "tokenizer"]
     assert builds() == []
 
-    weights = next((tmp_path / "SmolLM2-135M-Instruct.Q4_1" / "model").glob("*.safetensors"))
+    weights = next(tmp_path.glob("v*/SmolLM2-135M-Instruct.Q4_1/model-*/*.safetensors"))
     with weights.open("r+b") as stream:
         stream.seek(weights.stat().st_size // 2)
         byte = stream.read(1)
@@ -108,5 +109,8 @@ def test_gguf_cache_is_built_once_then_trusted_only_while_intact(tmp_path, monke
         stream.write(bytes([byte[0] ^ 0xFF]))
     assert builds() == ["model"]
 
-    next((tmp_path / "SmolLM2-135M-Instruct.Q4_1" / "tokenizer").glob("tokenizer*.json")).unlink()
+    os.truncate(weights, weights.stat().st_size // 2)
+    assert builds() == ["model"]
+
+    next(tmp_path.glob("v*/SmolLM2-135M-Instruct.Q4_1/tokenizer-*/tokenizer*.json")).unlink()
     assert builds() == ["tokenizer"]

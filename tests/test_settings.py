@@ -1,8 +1,10 @@
-from dataclasses import fields
+import logging
+from dataclasses import FrozenInstanceError, fields, replace
+from pathlib import Path
 
 import pytest
 
-from tutorial_api.settings import Settings
+from tutorial_api.settings import Settings, SettingsError
 
 
 def test_each_setting_has_its_own_environment_variable_and_flag():
@@ -43,3 +45,53 @@ def test_loopback_only(host, loopback):
 def test_a_client_reaches_a_wildcard_host_on_loopback(monkeypatch):
     monkeypatch.setenv("TUTORIAL_API_HOST", "0.0.0.0")
     assert Settings().url == "http://127.0.0.1:6006"
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("max_batch_size", 0), ("max_waiting", 0), ("max_new_tokens", -5), ("max_prompt_tokens", 0),
+    ("max_history_turns", -1), ("max_concurrent_per_key", 0), ("max_body_bytes", 0), ("port", 70000), ("port", -1),
+    ("port", "6006"), ("max_batch_size", True), ("max_batch_size", 2.5), ("request_timeout", 0),
+    ("request_timeout", float("nan")), ("host", None), ("api_key_file", 3),
+])
+def test_a_bad_value_is_refused_when_built_naming_the_flag_and_the_variable(name, value):
+    about = next(setting.metadata for setting in fields(Settings) if setting.name == name)
+    with pytest.raises(SettingsError) as refused:
+        Settings(**{name: value})
+    assert about["flag"] in str(refused.value) and f"${about['env']}" in str(refused.value)
+    assert repr(value) in str(refused.value)
+
+
+@pytest.mark.parametrize(("env", "text"), [("TUTORIAL_API_PORT", "abc"), ("TUTORIAL_API_MAX_BATCH_SIZE", "0"),
+                                           ("TUTORIAL_API_REQUEST_TIMEOUT", "soon"), ("TUTORIAL_API_PORT", "99999")])
+def test_a_bad_environment_variable_is_refused_naming_itself_and_its_flag(monkeypatch, env, text):
+    monkeypatch.setenv(env, text)
+    flag = next(setting.metadata["flag"] for setting in fields(Settings) if setting.metadata["env"] == env)
+    with pytest.raises(SettingsError) as refused:
+        Settings()
+    assert f"${env}" in str(refused.value) and flag in str(refused.value) and text in str(refused.value)
+
+
+def test_good_values_are_kept_in_the_settings_own_types():
+    settings = Settings(port=0, max_history_turns=0, request_timeout=2, api_key_file="keys.txt",
+                        api_keys="alice:one", cors_origins=["http://localhost:3000"])
+    assert (settings.port, settings.max_history_turns, settings.request_timeout) == (0, 0, 2.0)
+    assert settings.api_key_file == Path("keys.txt") and settings.api_keys == ("alice:one",)
+    assert settings.cors_origins == ("http://localhost:3000",)
+
+
+def test_settings_once_built_cannot_be_changed_into_bad_ones():
+    settings = Settings()
+    with pytest.raises(FrozenInstanceError):
+        settings.max_batch_size = 0
+    with pytest.raises(SettingsError, match="--max-batch-size"):
+        replace(settings, max_batch_size=0)
+
+
+def test_api_keys_never_appear_in_a_repr_a_log_or_an_error(caplog):
+    settings = Settings(api_keys=("alice:s3cret", "t0psecret"))
+    logging.getLogger("tutorial_api").warning("settings: %s %r", settings, settings)
+    assert "s3cret" not in repr(settings) + str(settings) + caplog.text
+    assert "t0psecret" not in repr(settings) + str(settings) + caplog.text
+    with pytest.raises(SettingsError) as refused:
+        Settings(api_keys=("alice:s3cret", 42))
+    assert "s3cret" not in str(refused.value) and "--api-key" in str(refused.value)

@@ -2,36 +2,52 @@
 API keys."""
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from dataclasses import fields
 
 import uvicorn
 
-from tutorial_api.app import create_app
-from tutorial_api.chat import chat
+# torch, transformers and the app are imported inside the commands that use them: a busy port or a bad setting is
+# then reported at once, not after seconds of imports.
 from tutorial_api.class_keys import class_keys, student_sheet, write_key_file
-from tutorial_api.models import PRESETS, load_model
-from tutorial_api.settings import Settings
+from tutorial_api.server import PortInUse, bind
+from tutorial_api.settings import DEFAULT_MODEL, DEFAULT_PORT, Settings, SettingsError
 
 
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.run(args)
+    try:
+        args.run(args)
+    except SettingsError as error:
+        sys.exit(f"Cannot start: {error}")
 
 
 def _serve(args) -> None:
     settings = _settings_from(args)
-    print(f"Loading {settings.model}, then serving on http://{settings.host}:{settings.port} "
+    try:
+        listener = bind(settings.host, settings.port, another_port="--port {}")  # a busy port fails before loading
+    except PortInUse as error:
+        sys.exit(f"Cannot start: {error.strerror}")
+    except OSError as error:
+        sys.exit(f"Cannot start: cannot listen on {settings.host}:{settings.port} (--host, --port): {error.strerror}")
+    port = listener.getsockname()[1]
+    print(f"Loading {settings.model}, then serving on http://{settings.host}:{port} "
           f"(interactive docs at /docs). Press Ctrl+C to stop.", flush=True)
+    from tutorial_api.app import create_app
+
     try:
         app = create_app(settings=settings)
     except (OSError, ValueError) as error:  # an unreadable key file, an empty key
         sys.exit(f"Cannot start: {error}")
     if not settings.loopback_only:
         _warn_about_sharing(settings.host, len(app.state.keys))
-    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False)  # the kit logs each request
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=port, access_log=False))  # the kit logs
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C, after uvicorn's graceful shutdown
+        server.run(sockets=[listener])
 
 
 def _warn_about_sharing(host: str, keys: int) -> None:
@@ -46,6 +62,9 @@ def _warn_about_sharing(host: str, keys: int) -> None:
 
 
 def _chat(args) -> None:
+    from tutorial_api.chat import chat
+    from tutorial_api.models import load_model
+
     model, tokenizer = load_model(args.model)
     response, _ = chat(model, tokenizer, args.prompt, temperature=args.temperature, max_length=args.max_length,
                        system=args.system)
@@ -69,42 +88,61 @@ def _keys(args) -> None:
 
 def _settings_from(args) -> Settings:
     """the settings of the environment, with the flags given on the command line instead."""
-    settings = Settings()
-    for setting in fields(Settings):
-        given = getattr(args, setting.name)
-        if given is not None:
-            setattr(settings, setting.name, tuple(given) if setting.metadata["many"] else given)
-    return settings
+    given = {setting.name: getattr(args, setting.name) for setting in fields(Settings)}
+    return Settings(**{name: value for name, value in given.items() if value is not None})
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     """one flag per setting, documented with its environment variable and its current value."""
-    current = Settings()
     for setting in fields(Settings):
         about = setting.metadata
-        value = getattr(current, setting.name)
-        shown = ", ".join(map(str, value)) if about["many"] else value
-        if setting.name == "api_keys":
-            shown = f"{len(value)} keys" if value else None  # never print a key
-        help_text = f"{about['help']} (${about['env']}; now: {'none' if shown in (None, '') else shown})"
+        help_text = f"{about['help']} (${about['env']}; now: {_current(setting)})"
         parser.add_argument(about["flag"], dest=setting.name, metavar=about["flag"][2:].upper().replace("-", "_"),
                             type=about["parse"], default=None,
                             action="append" if about["many"] else "store", help=help_text)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tutorial_api", description=__doc__)
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    presets = f"model presets: {', '.join(PRESETS)}"
+def _current(setting) -> str:
+    """a setting's value in this environment, for --help: a count of keys, never a key, and a bad value shown as it
+    is, so that --help works whatever the environment says."""
+    try:
+        value = setting.default_factory()
+    except SettingsError:
+        return f"{os.environ[setting.metadata['env']].strip()!r}, which is not valid"
+    if setting.metadata["secret"]:
+        return f"{len(value)} keys" if value else "none"
+    shown = ", ".join(map(str, value)) if setting.metadata["many"] else value
+    return "none" if shown in (None, "") else str(shown)
 
-    serve = commands.add_parser("serve", help="start the chat API", epilog=presets)
+
+class _Parser(argparse.ArgumentParser):
+    """a parser whose help can end with the model presets, looked up only when help is shown: they live beside
+    torch."""
+
+    def __init__(self, *args, list_presets: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.list_presets = list_presets
+
+    def format_help(self) -> str:
+        if self.list_presets:
+            from tutorial_api.models import PRESETS
+
+            self.epilog = f"model presets: {', '.join(PRESETS)}"
+        return super().format_help()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m tutorial_api", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="start the chat API", list_presets=True)
     _add_settings(serve)
     serve.set_defaults(run=_serve)
 
-    one_off = commands.add_parser("chat", help="answer one prompt in the terminal", epilog=presets)
+    one_off = commands.add_parser("chat", help="answer one prompt in the terminal", list_presets=True)
     one_off.add_argument("prompt")
-    one_off.add_argument("--model", default=Settings().model,
-                         help="a preset (listed below), a hub id or a local folder")
+    one_off.add_argument("--model", help="a preset (listed below), a hub id or a local folder "
+                                          f"(default: $TUTORIAL_API_MODEL, else {DEFAULT_MODEL})")
     one_off.add_argument("--temperature", type=float, default=0, help="0 for greedy decoding (default)")
     one_off.add_argument("--max-length", type=int, default=None, help="total token budget, prompt included")
     one_off.add_argument("--system", default=None, help="a system message")
@@ -115,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--prefix", default="student", help="the keys' names: PREFIX01, PREFIX02 ... (default: student)")
     keys.add_argument("--file", default="class-keys.txt", help="the key file to write (default: class-keys.txt)")
     keys.add_argument("--force", action="store_true", help="replace the key file if it exists")
-    keys.add_argument("--url", default=f"http://ADDRESS:{Settings().port}",
+    keys.add_argument("--url", default=f"http://ADDRESS:{DEFAULT_PORT}",
                       help="the server's address as students type it, e.g. http://192.168.1.23:6006")
     keys.set_defaults(run=_keys)
     return parser

@@ -1,6 +1,7 @@
 """running an app with uvicorn on a background thread, so a notebook cell can start and stop it."""
 
 import errno
+import os
 import socket
 import threading
 import time
@@ -43,7 +44,7 @@ def start_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log
     """serve `app` on a daemon thread and return once it accepts connections (port 0 picks a free one)."""
     if port in _running:
         _running.pop(port).stop()
-    listener = _bind(host, port)
+    listener = bind(host, port)
     port = listener.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True,
@@ -63,11 +64,13 @@ def start_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log
     return handle
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """bind the listening socket here, so a busy port fails at once, in the caller's thread."""
+def bind(host: str, port: int, *, another_port: str = "start_server(app, port={})") -> socket.socket:
+    """a socket bound to the port, so a busy port fails at once, in the caller's thread, with PortInUse; its message
+    suggests `another_port` filled with the next port number, in the caller's own words."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if os.name == "posix":  # elsewhere (Windows) SO_REUSEADDR would let two servers share one busy port
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))
     except OSError as error:
@@ -76,7 +79,7 @@ def _bind(host: str, port: int) -> socket.socket:
             raise PortInUse(
                 errno.EADDRINUSE,
                 f"Port {port} on {host} is already in use by another program. Stop that program, "
-                f"or pick another port: start_server(app, port={port + 1}).",
+                f"or pick another port: {another_port.format(port + 1)}.",
             ) from None
         raise
     listener.set_inheritable(True)

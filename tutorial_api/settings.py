@@ -1,13 +1,21 @@
 """the kit's configuration: one settings object, each field read from its environment variable or its flag."""
 
 import ipaddress
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import get_args
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6006
+
+_KINDS = {int: "a whole number", float: "a number", str: "text", Path: "a path", bool: "yes or no"}
+
+
+class SettingsError(ValueError):
+    """a setting's value is not valid; the message names its flag and its environment variable."""
 
 
 def default_cache_dir() -> Path:
@@ -16,32 +24,54 @@ def default_cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "tutorial_api"
 
 
-def _setting(default, env: str, flag: str, help: str, parse=str, many: bool = False):
-    """a field whose value comes from `env` (comma-separated when `many`), else `default`; `flag` sets it too."""
+def _at_least(low):
+    return lambda value: value >= low, f"of at least {low}"
+
+
+def _between(low, high):
+    return lambda value: low <= value <= high, f"between {low} and {high}"
+
+
+_POSITIVE = (lambda value: value > 0, "above 0")
+
+
+def _setting(default, env: str, flag: str, help: str, parse=str, many: bool = False, valid=None, secret=False):
+    """a field whose value comes from `env` (comma-separated when `many`), else `default`; `flag` sets it too.
+    `valid` is a (test, wording) pair each value must pass when the settings are built; a `secret` is never shown."""
 
     def from_environment():
         text = os.environ.get(env, "").strip()
         if not text:
             return default
-        return tuple(parse(item.strip()) for item in text.split(",") if item.strip()) if many else parse(text)
+        try:
+            return tuple(parse(item.strip()) for item in text.split(",") if item.strip()) if many else parse(text)
+        except ValueError:
+            raise SettingsError(f"${env} must be {_expected(parse, valid)}, not {text!r} "
+                                f"(set it with {flag} or ${env}).") from None
 
-    return field(default_factory=from_environment,
-                 metadata={"env": env, "flag": flag, "help": help, "parse": parse, "many": many})
+    return field(default_factory=from_environment, repr=not secret, metadata={
+        "env": env, "flag": flag, "help": help, "parse": parse, "many": many, "valid": valid, "secret": secret})
 
 
-@dataclass
+def _expected(kind, valid) -> str:
+    wording = _KINDS.get(kind, "a valid value")
+    return f"{wording} {valid[1]}" if valid else wording
+
+
+@dataclass(frozen=True)
 class Settings:
-    """what the server runs, where it listens, who may call it and how much one request may ask."""
+    """what the server runs, where it listens, who may call it and how much one request may ask; checked when built."""
 
     model: str = _setting(DEFAULT_MODEL, "TUTORIAL_API_MODEL", "--model",
                           "a preset (listed below), a hub id or a local folder")
     host: str = _setting(DEFAULT_HOST, "TUTORIAL_API_HOST", "--host",
                          "address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 shares it on the network")
-    port: int = _setting(DEFAULT_PORT, "TUTORIAL_API_PORT", "--port", "port", int)
+    port: int = _setting(DEFAULT_PORT, "TUTORIAL_API_PORT", "--port", "port (0 picks a free one)", int,
+                         valid=_between(0, 65535))
     api_keys: tuple[str, ...] = _setting(
         (), "TUTORIAL_API_KEYS", "--api-key",
         "an API key callers must send as 'Authorization: Bearer KEY'; NAME:KEY names it in the log (repeatable)",
-        many=True)
+        many=True, secret=True)
     api_key_file: Path | None = _setting(
         None, "TUTORIAL_API_KEY_FILE", "--api-key-file", "a file of API keys, one KEY or NAME:KEY a line", Path)
     cors_origins: tuple[str, ...] = _setting(
@@ -49,23 +79,31 @@ class Settings:
         "a web page origin allowed to call the API from a browser, e.g. http://localhost:3000 (repeatable)",
         many=True)
     max_body_bytes: int = _setting(1_000_000, "TUTORIAL_API_MAX_BODY_BYTES", "--max-body-bytes",
-                                   "largest request body, in bytes", int)
+                                   "largest request body, in bytes", int, valid=_at_least(1))
     max_prompt_tokens: int | None = _setting(None, "TUTORIAL_API_MAX_PROMPT_TOKENS", "--max-prompt-tokens",
                                              "most tokens of prompt and history together (none: the model's context)",
-                                             int)
+                                             int, valid=_at_least(1))
     max_new_tokens: int | None = _setting(None, "TUTORIAL_API_MAX_NEW_TOKENS", "--max-new-tokens",
-                                          "most tokens one answer may have (none: the model's context)", int)
+                                          "most tokens one answer may have (none: the model's context)", int,
+                                          valid=_at_least(1))
     max_history_turns: int | None = _setting(None, "TUTORIAL_API_MAX_HISTORY_TURNS", "--max-history-turns",
-                                             "most earlier turns (user messages) a request may carry", int)
+                                             "most earlier turns (user messages) a request may carry", int,
+                                             valid=_at_least(0))
     max_concurrent_per_key: int | None = _setting(
         None, "TUTORIAL_API_MAX_CONCURRENT_PER_KEY", "--max-concurrent-per-key",
-        "most requests one key (without keys: one client address) may have in flight; more get 429", int)
+        "most requests one key (without keys: one client address) may have in flight; more get 429", int,
+        valid=_at_least(1))
     request_timeout: float | None = _setting(None, "TUTORIAL_API_REQUEST_TIMEOUT", "--request-timeout",
-                                             "seconds a request may take before it is cancelled with a 504", float)
+                                             "seconds a request may take before it is cancelled with a 504", float,
+                                             valid=_POSITIVE)
     max_batch_size: int = _setting(16, "TUTORIAL_API_MAX_BATCH_SIZE", "--max-batch-size",
-                                   "most requests decoded together", int)
+                                   "most requests decoded together", int, valid=_at_least(1))
     max_waiting: int = _setting(64, "TUTORIAL_API_MAX_WAITING", "--max-waiting",
-                                "most requests waiting for the batch; more get 503", int)
+                                "most requests waiting for the batch; more get 503", int, valid=_at_least(1))
+
+    def __post_init__(self):
+        for setting in fields(self):
+            object.__setattr__(self, setting.name, _checked(setting, getattr(self, setting.name)))
 
     @property
     def url(self) -> str:
@@ -80,3 +118,33 @@ class Settings:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return self.host == "localhost"
+
+
+def _checked(setting, value):
+    """`value` as the setting keeps it (a tuple for a list, a Path for a path), or a SettingsError naming the setting's
+    flag and environment variable."""
+    about = setting.metadata
+    if about["many"]:
+        values = (value,) if isinstance(value, str) else value
+        if not isinstance(values, (tuple, list)) or not all(isinstance(item, str) for item in values):
+            raise _invalid(setting, "a list of text", value)
+        return tuple(values)
+    kinds = get_args(setting.type) or (setting.type,)  # `int | None` is (int, NoneType)
+    kind = kinds[0]
+    if value is None and type(None) in kinds:
+        return value
+    if kind is Path and isinstance(value, (str, os.PathLike)):
+        value = Path(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    right_kind = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))  # True is an int too
+    in_range = about["valid"][0] if about["valid"] else lambda _: True
+    if not right_kind or (kind is float and not math.isfinite(value)) or not in_range(value):
+        raise _invalid(setting, _expected(kind, about["valid"]), value)
+    return value
+
+
+def _invalid(setting, expected: str, value) -> SettingsError:
+    shown = "" if setting.metadata["secret"] else f", not {value!r}"
+    return SettingsError(f"{setting.name} must be {expected}{shown} "
+                         f"(set it with {setting.metadata['flag']} or ${setting.metadata['env']}).")
