@@ -1,4 +1,5 @@
-"""the command line: `serve` starts the chat API, `chat` answers one prompt in the terminal."""
+"""the command line: `serve` starts the chat API, `chat` answers one prompt in the terminal, `download` fetches a
+model once so that it loads offline."""
 
 import argparse
 import logging
@@ -9,7 +10,8 @@ import uvicorn
 
 from tutorial_api.app import create_app
 from tutorial_api.chat import chat
-from tutorial_api.models import PRESETS, load_model
+from tutorial_api.download import DownloadFailed, fetch
+from tutorial_api.models import PRESETS, ModelNotAvailable, hub_id, load_model, needs_remote_code
 from tutorial_api.settings import Settings
 
 
@@ -50,6 +52,20 @@ def _chat(args) -> None:
     print(response)
 
 
+def _download(args) -> None:
+    try:
+        repository = hub_id(args.model)
+        print(f"Downloading {repository} (the Hugging Face hub, or the mirror in $HF_ENDPOINT; else ModelScope)",
+              flush=True)
+        folder = fetch(repository)
+    except (ModelNotAvailable, DownloadFailed) as error:
+        sys.exit(str(error))
+    opt_in = " --trust-remote-code" if needs_remote_code(repository) else ""
+    print(f"Saved in {folder}. It now loads offline, for example:\n"
+          f"  python -m tutorial_api serve --model {args.model}{opt_in}\n"
+          f"  TUTORIAL_API_MODEL={args.model} jupyter lab notebooks/")
+
+
 def _settings_from(args) -> Settings:
     """the settings of the environment, with the flags given on the command line instead."""
     settings = Settings()
@@ -70,9 +86,10 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         if setting.name == "api_keys":
             shown = f"{len(value)} keys" if value else None  # never print a key
         help_text = f"{about['help']} (${about['env']}; now: {'none' if shown in (None, '') else shown})"
+        switch = {"nargs": "?", "const": True} if setting.type is bool else {}  # --flag alone means yes
         parser.add_argument(about["flag"], dest=setting.name, metavar=about["flag"][2:].upper().replace("-", "_"),
                             type=about["parse"], default=None,
-                            action="append" if about["many"] else "store", help=help_text)
+                            action="append" if about["many"] else "store", help=help_text, **switch)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,4 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     one_off.add_argument("--max-length", type=int, default=None, help="total token budget, prompt included")
     one_off.add_argument("--system", default=None, help="a system message")
     one_off.set_defaults(run=_chat)
+
+    fetcher = commands.add_parser("download", help="fetch a model once, with internet, so that it loads offline",
+                                  epilog=presets)
+    fetcher.add_argument("model", help="a preset (listed below) or a hub id, e.g. qwen2.5-0.5b-instruct")
+    fetcher.set_defaults(run=_download)
     return parser
