@@ -5,6 +5,8 @@ start without loading torch and transformers.
 """
 
 import importlib
+import sys
+import types
 
 _HOMES = {
     "PRESETS": "models",
@@ -32,3 +34,16 @@ def __getattr__(name):
 
 def __dir__():
     return sorted([*globals(), *__all__])
+
+
+class _Package(types.ModuleType):
+    """the package, keeping `tutorial_api.chat` the function when Python's import of the submodule `chat` would
+    set it to the module."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _HOMES.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
