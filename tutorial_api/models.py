@@ -175,8 +175,8 @@ def _from_pretrained(source: str, placement: _Placement, trust_remote_code: bool
 
 def _remote_code_refusal(name: str) -> str:
     return (
-        f"{name} needs remote code: Python files from the model's own repository (its architecture, and for "
-        f"Qwen-7B-Chat its model.chat), which transformers would download and run on this machine with your "
+        f"{name} needs remote code: Python files from the model's own repository (Qwen-7B-Chat's define its "
+        f"architecture and its model.chat), which transformers would download and run on this machine with your "
         f"permissions, like any program you install. Allow it only for a repository you trust, with one of:\n"
         f"  load_model({name!r}, trust_remote_code=True)\n"
         f"  python -m tutorial_api serve --model {name} --trust-remote-code\n"
