@@ -1,3 +1,4 @@
+import json
 import logging
 import os
 
@@ -12,7 +13,7 @@ from tutorial_api.models import context_length
 def test_presets_cover_the_offline_models_and_the_qwen_family():
     assert {"smollm2-135m", "tiny-qwen2", "qwen2.5-0.5b-instruct", "qwen2.5-7b-instruct", "qwen-7b-chat"} <= set(PRESETS)
     assert PRESETS["qwen2.5-0.5b-instruct"].hub_id == "Qwen/Qwen2.5-0.5B-Instruct"
-    assert PRESETS["qwen-7b-chat"].trust_remote_code
+    assert PRESETS["qwen-7b-chat"].remote_code
 
 
 def test_tiny_qwen2_is_a_real_qwen2_with_fixed_weights(tiny):
@@ -67,7 +68,7 @@ def test_unreachable_hub_id_gives_one_clear_error_naming_the_offline_default():
 
 def test_preset_hub_models_go_through_the_same_clear_error():
     with pytest.raises(ModelNotAvailable, match="smollm2-135m"):
-        load_model("qwen-7b-chat")
+        load_model("qwen2.5-7b-instruct")
 
 
 def test_unknown_name_lists_the_presets():
@@ -114,3 +115,85 @@ def test_gguf_cache_is_built_once_then_trusted_only_while_intact(tmp_path, monke
 
     next(tmp_path.glob("v*/SmolLM2-135M-Instruct.Q4_1/tokenizer-*/tokenizer*.json")).unlink()
     assert builds() == ["tokenizer"]
+
+
+# The original tutorial's model, Qwen/Qwen-7B-Chat, runs code from its own repository: only on request.
+
+TUTORIAL_MODEL = "Qwen/Qwen-7B-Chat"
+
+
+@pytest.fixture
+def tutorial_model_downloaded(tiny, tmp_path, monkeypatch):
+    """the tutorial's model "downloaded" (the tiny Qwen2's files stand in for it): only the network call is fake."""
+    import huggingface_hub
+
+    from tutorial_api.download import fetch
+
+    def snapshot_download(repo_id, *, local_dir, **ignored):
+        tiny[0].save_pretrained(local_dir)
+        tiny[1].save_pretrained(local_dir)
+
+    monkeypatch.setenv("TUTORIAL_API_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    fetch(TUTORIAL_MODEL)
+
+
+@pytest.mark.parametrize("name", [TUTORIAL_MODEL, "qwen-7b-chat"])
+def test_remote_code_is_refused_without_opt_in_before_any_download(name, monkeypatch):
+    from transformers import AutoTokenizer
+
+    def download(*args, **kwargs):
+        raise AssertionError("a download started")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", download)
+    with pytest.raises(ModelNotAvailable) as refusal:
+        load_model(name)
+    message = str(refusal.value)
+    assert "remote code" in message and "run on this machine" in message
+    assert "trust_remote_code=True" in message and "--trust-remote-code" in message
+    assert "TUTORIAL_API_TRUST_REMOTE_CODE=1" in message
+
+
+def test_the_tutorial_model_id_loads_with_trust_remote_code(tutorial_model_downloaded, tiny, monkeypatch):
+    model, _ = load_model(TUTORIAL_MODEL, trust_remote_code=True)
+    assert torch.equal(model.lm_head.weight, tiny[0].lm_head.weight)
+    monkeypatch.setenv("TUTORIAL_API_TRUST_REMOTE_CODE", "1")
+    monkeypatch.setenv("TUTORIAL_API_MODEL", TUTORIAL_MODEL)
+    assert isinstance(load_model()[0], Qwen2ForCausalLM)
+
+
+def test_serve_trust_remote_code_flag_reaches_the_model(tutorial_model_downloaded):
+    from fastapi.testclient import TestClient
+
+    from tutorial_api import create_app
+    from tutorial_api.cli import _parser, _settings_from
+
+    refused = _settings_from(_parser().parse_args(["serve", "--model", TUTORIAL_MODEL]))
+    with pytest.raises(ModelNotAvailable, match="--trust-remote-code"), TestClient(create_app(settings=refused)):
+        pass
+    allowed = _settings_from(_parser().parse_args(["serve", "--model", TUTORIAL_MODEL, "--trust-remote-code"]))
+    assert allowed.trust_remote_code is True
+    with TestClient(create_app(settings=allowed)) as client:
+        assert client.get("/health").json()["model"] == TUTORIAL_MODEL
+
+
+def test_a_repository_with_its_own_code_is_refused_with_the_same_explanation(tiny, tmp_path):
+    tiny[0].save_pretrained(tmp_path)
+    tiny[1].save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(model_type="homemade", auto_map={"AutoConfig": "configuration_homemade.HomemadeConfig",
+                                                   "AutoModelForCausalLM": "modeling_homemade.HomemadeModel"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelNotAvailable, match="needs remote code"):
+        load_model(str(tmp_path))
+
+
+def test_the_trust_remote_code_setting_reads_yes_or_no(monkeypatch):
+    from tutorial_api import Settings
+
+    for text, value in [("1", True), ("yes", True), ("0", False), ("off", False)]:
+        monkeypatch.setenv("TUTORIAL_API_TRUST_REMOTE_CODE", text)
+        assert Settings().trust_remote_code is value
+    monkeypatch.setenv("TUTORIAL_API_TRUST_REMOTE_CODE", "maybe")
+    with pytest.raises(ValueError, match="maybe"):
+        Settings()

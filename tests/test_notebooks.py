@@ -1,6 +1,8 @@
-"""the notebooks: each runs top to bottom twice in one kernel, offline; they are saved clean; the README lists them."""
+"""the notebooks, in English and in Chinese with the same code: each runs top to bottom twice in one kernel, offline;
+they are saved clean; both READMEs list them."""
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -14,11 +16,16 @@ from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
-NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+# The sequence in two languages: the same code cells, prose in English and in Chinese.
+LANGUAGES = ("en", "zh")
+NAMES = sorted(path.name for path in (NOTEBOOK_DIR / "en").glob("*.ipynb"))
+NOTEBOOKS = [NOTEBOOK_DIR / language / name for language in LANGUAGES for name in NAMES]
+READMES = {"en": ROOT / "README.md", "zh": ROOT / "README.zh-CN.md"}
 # Generous: a cell waits for at most one sampled answer, which can ramble for a minute or two on a slow CPU.
 CELL_TIMEOUT = 600
 # Paths of a developer's machine have no place in a notebook that learners download.
 MACHINE_PATHS = ("/tmp/", "/home/", "/root/", "/Users/", "C:\\")
+CHINESE = re.compile(r"[\u4e00-\u9fff]")
 
 
 def _kernel_manager() -> KernelManager:
@@ -31,24 +38,39 @@ def _kernel_manager() -> KernelManager:
     return KernelManager(kernel_name=NATIVE_KERNEL_NAME, kernel_spec_manager=spec_manager)
 
 
-def test_there_are_notebooks():
-    assert NOTEBOOKS, f"no notebooks in {NOTEBOOK_DIR}"
+def test_there_are_notebooks_in_both_languages():
+    assert NAMES, f"no notebooks in {NOTEBOOK_DIR / 'en'}"
+    assert sorted(path.name for path in (NOTEBOOK_DIR / "zh").glob("*.ipynb")) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_two_languages_share_every_code_cell(name):
+    """cell for cell: the same kinds in the same order, identical code; only the prose is translated."""
+    english, chinese = (nbformat.read(NOTEBOOK_DIR / language / name, as_version=4) for language in LANGUAGES)
+    assert [cell.cell_type for cell in english.cells] == [cell.cell_type for cell in chinese.cells]
+    for index, (en, zh) in enumerate(zip(english.cells, chinese.cells)):
+        if en.cell_type == "code":
+            assert en.source == zh.source, f"{name}, cell {index}: the code differs between the two languages"
+        else:
+            assert CHINESE.search(zh.source), f"zh/{name}, cell {index} has no Chinese"
+            assert en.source != zh.source, f"zh/{name}, cell {index} is not translated"
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
-def test_notebook_runs_twice_in_one_kernel(path, monkeypatch):
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs_twice_in_one_kernel(name, monkeypatch):
     """Run All, then Run All again in the same kernel: re-running cells must never fail (e.g. on a busy port).
 
-    LLM answers are never compared: only that every cell runs without an error.
+    Both languages run this code (the pairing test holds them to it), so it runs once. LLM answers are never
+    compared: only that every cell runs without an error.
     """
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the kernel inherits the environment: no hub, ever
-    notebook = nbformat.read(path, as_version=4)
+    notebook = nbformat.read(NOTEBOOK_DIR / "en" / name, as_version=4)
     client = NotebookClient(
         notebook,
         km=_kernel_manager(),
         timeout=CELL_TIMEOUT,
-        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},  # the kernel's working directory
+        resources={"metadata": {"path": str(NOTEBOOK_DIR / "en")}},  # the kernel's working directory
     )
     client.reset_execution_trackers()
     seconds = []
@@ -59,12 +81,12 @@ def test_notebook_runs_twice_in_one_kernel(path, monkeypatch):
                 try:
                     client.execute_cell(cell, index)
                 except CellExecutionError as error:
-                    pytest.fail(f"{path.name}, {run} Run All, cell {index}:\n{error}", pytrace=False)
+                    pytest.fail(f"{name}, {run} Run All, cell {index}:\n{error}", pytrace=False)
             seconds.append(time.perf_counter() - started)
-    print(f"{path.name}: first Run All {seconds[0]:.1f} s, second {seconds[1]:.1f} s")
+    print(f"{name}: first Run All {seconds[0]:.1f} s, second {seconds[1]:.1f} s")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: f"{path.parent.name}/{path.name}")
 def test_notebook_is_saved_clean(path):
     """no outputs or execution counts (they belong to the reader's run), the standard kernel, no machine paths."""
     notebook = nbformat.read(path, as_version=4)
@@ -80,7 +102,9 @@ def test_notebook_is_saved_clean(path):
     assert not [p for p in MACHINE_PATHS if p in text], f"{path.name} mentions a path of a particular machine"
 
 
-def test_readme_lists_every_notebook():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    missing = [path.name for path in NOTEBOOKS if path.name not in readme]
-    assert not missing, f"README.md does not list {missing}"
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_each_readme_lists_every_notebook_of_both_languages(language):
+    readme = READMES[language].read_text(encoding="utf-8")
+    missing = [f"notebooks/{folder}/" for folder in LANGUAGES if f"notebooks/{folder}/" not in readme]
+    missing += [name for name in NAMES if name not in readme]
+    assert not missing, f"{READMES[language].name} does not list {missing}"

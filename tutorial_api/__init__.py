@@ -1,21 +1,49 @@
-"""tutorial_api: from FastAPI's hello world to a chat model served from a notebook cell."""
+"""tutorial_api: from FastAPI's hello world to a chat model served from a notebook cell.
 
-from tutorial_api.app import create_app
-from tutorial_api.chat import ChatInputError, chat
-from tutorial_api.client import get_completion
-from tutorial_api.models import PRESETS, ModelNotAvailable, load_model
-from tutorial_api.server import PortInUse, start_server
-from tutorial_api.settings import Settings
+The public names are imported on first use, so that `import tutorial_api.hello` (notebook 1) and the client
+start without loading torch and transformers.
+"""
 
-__all__ = [
-    "PRESETS",
-    "ChatInputError",
-    "ModelNotAvailable",
-    "PortInUse",
-    "Settings",
-    "chat",
-    "create_app",
-    "get_completion",
-    "load_model",
-    "start_server",
-]
+import importlib
+import sys
+import types
+
+_HOMES = {
+    "PRESETS": "models",
+    "ModelNotAvailable": "models",
+    "load_model": "models",
+    "ChatInputError": "chat",
+    "chat": "chat",
+    "create_app": "app",
+    "get_completion": "client",
+    "PortInUse": "server",
+    "start_server": "server",
+    "Settings": "settings",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'tutorial_api' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"tutorial_api.{_HOMES[name]}"), name)
+    globals()[name] = value  # found once, then a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])
+
+
+class _Package(types.ModuleType):
+    """the package, keeping `tutorial_api.chat` the function when Python's import of the submodule `chat` would
+    set it to the module."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _HOMES.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -42,7 +42,8 @@ def create_app(model=None, settings: Settings | None = None, *, device=None, dty
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         logger.info("Loading model %s", model_name)
-        loaded_model, tokenizer = loaded or await asyncio.to_thread(load_model, model_name, device=device, dtype=dtype)
+        loaded_model, tokenizer = loaded or await asyncio.to_thread(
+            load_model, model_name, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code)
         app.state.engine = Engine(loaded_model, tokenizer, max_batch_size=settings.max_batch_size,
                                   max_waiting=settings.max_waiting)
         logger.info("Model %s is ready", model_name)

@@ -1,5 +1,5 @@
-"""the command line: `serve` starts the chat API, `chat` answers one prompt in the terminal, `keys` makes a class's
-API keys."""
+"""the command line: `serve` starts the chat API, `chat` answers one prompt in the terminal, `download` fetches a
+model once so that it loads offline, `keys` makes a class's API keys."""
 
 import argparse
 import contextlib
@@ -86,6 +86,23 @@ def _keys(args) -> None:
     print("\n".join(student_sheet(keys, args.url)))
 
 
+def _download(args) -> None:
+    from tutorial_api.download import DownloadFailed, fetch
+    from tutorial_api.models import ModelNotAvailable, hub_id, needs_remote_code
+
+    try:
+        repository = hub_id(args.model)
+        print(f"Downloading {repository} (the Hugging Face hub, or the mirror in $HF_ENDPOINT; else ModelScope)",
+              flush=True)
+        folder = fetch(repository)
+    except (ModelNotAvailable, DownloadFailed) as error:
+        sys.exit(str(error))
+    opt_in = " --trust-remote-code" if needs_remote_code(repository) else ""
+    print(f"Saved in {folder}. It now loads offline, for example:\n"
+          f"  python -m tutorial_api serve --model {args.model}{opt_in}\n"
+          f"  TUTORIAL_API_MODEL={args.model} jupyter lab notebooks/")
+
+
 def _settings_from(args) -> Settings:
     """the settings of the environment, with the flags given on the command line instead."""
     given = {setting.name: getattr(args, setting.name) for setting in fields(Settings)}
@@ -97,9 +114,10 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     for setting in fields(Settings):
         about = setting.metadata
         help_text = f"{about['help']} (${about['env']}; now: {_current(setting)})"
+        switch = {"nargs": "?", "const": True} if setting.type is bool else {}  # --flag alone means yes
         parser.add_argument(about["flag"], dest=setting.name, metavar=about["flag"][2:].upper().replace("-", "_"),
                             type=about["parse"], default=None,
-                            action="append" if about["many"] else "store", help=help_text)
+                            action="append" if about["many"] else "store", help=help_text, **switch)
 
 
 def _current(setting) -> str:
@@ -147,6 +165,11 @@ def _parser() -> argparse.ArgumentParser:
     one_off.add_argument("--max-length", type=int, default=None, help="total token budget, prompt included")
     one_off.add_argument("--system", default=None, help="a system message")
     one_off.set_defaults(run=_chat)
+
+    fetcher = commands.add_parser("download", help="fetch a model once, with internet, so that it loads offline",
+                                  list_presets=True)
+    fetcher.add_argument("model", help="a preset (listed below) or a hub id, e.g. qwen2.5-0.5b-instruct")
+    fetcher.set_defaults(run=_download)
 
     keys = commands.add_parser("keys", help="write a class's API keys to a key file and print the student sheet")
     keys.add_argument("count", type=int, help="how many keys: one per student or group")

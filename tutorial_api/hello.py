@@ -1,8 +1,14 @@
-"""the tutorial's first FastAPI app, `main.py`: `app` with plain functions, `async_app` with coroutines."""
+"""the tutorial's first FastAPI app, `main.py`: `app` with plain functions, `async_app` with coroutines.
+
+Both serve /docs and /redoc from this package, so the docs pages work offline.
+"""
 
 from fastapi import FastAPI
 
-app = FastAPI(title="Hello, FastAPI")
+from tutorial_api.docs import add_docs
+
+app = FastAPI(title="Hello, FastAPI", docs_url=None, redoc_url=None)
+add_docs(app)
 
 
 @app.get("/")
@@ -17,7 +23,8 @@ def read_item(item_id: int, q: str | None = None):
 
 # The same app with `async def`: FastAPI awaits these on the event loop instead of running
 # them in its thread pool, so they must never block (no model.generate, no time.sleep).
-async_app = FastAPI(title="Hello, async FastAPI")
+async_app = FastAPI(title="Hello, async FastAPI", docs_url=None, redoc_url=None)
+add_docs(async_app)
 
 
 @async_app.get("/")

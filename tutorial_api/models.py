@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from tutorial_api import model_cache
+from tutorial_api.download import downloaded
 from tutorial_api.settings import DEFAULT_MODEL, Settings
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ class Preset:
 
     description: str
     hub_id: str | None = None
-    trust_remote_code: bool = False
+    remote_code: bool = False  # the model needs Python code from its own repository
 
 
 PRESETS = {
@@ -31,7 +32,7 @@ PRESETS = {
     "qwen-7b-chat": Preset(
         "Qwen-7B-Chat, the original tutorial's model: remote code with its own model.chat, wants a GPU",
         "Qwen/Qwen-7B-Chat",
-        trust_remote_code=True,
+        remote_code=True,
     ),
 }
 
@@ -40,9 +41,15 @@ class ModelNotAvailable(RuntimeError):
     """the model could not be found or fetched; the message says what to do instead."""
 
 
-def load_model(name=None, *, device=None, dtype=None):
-    """load `(model, tokenizer)` by preset name, hub id, local folder or .gguf file; name defaults to $TUTORIAL_API_MODEL."""
-    name = name or Settings().model
+def load_model(name=None, *, device=None, dtype=None, trust_remote_code=None):
+    """load `(model, tokenizer)` by preset name, hub id, local folder or .gguf file.
+
+    `name` defaults to $TUTORIAL_API_MODEL and `trust_remote_code` to $TUTORIAL_API_TRUST_REMOTE_CODE. A hub model
+    fetched beforehand with `python -m tutorial_api download NAME` loads offline.
+    """
+    settings = Settings()
+    name = name or settings.model
+    trust_remote_code = settings.trust_remote_code if trust_remote_code is None else trust_remote_code
     placement = _placement(device, dtype)
     path = Path(name).expanduser()
     if name == "smollm2-135m":
@@ -52,16 +59,33 @@ def load_model(name=None, *, device=None, dtype=None):
     if path.suffix == ".gguf" and path.is_file():
         return _load_gguf(path, placement)
     if path.is_dir():
-        return _from_pretrained(str(path), placement)
+        return _from_pretrained(str(path), placement, trust_remote_code)
+    repository = hub_id(name)
+    if needs_remote_code(repository) and not trust_remote_code:
+        raise ModelNotAvailable(_remote_code_refusal(repository))
+    folder = downloaded(repository)
+    if folder:
+        return _from_pretrained(str(folder), placement, trust_remote_code, shown_as=repository)
+    return _from_hub(repository, placement, trust_remote_code)
+
+
+def hub_id(name: str) -> str:
+    """the Hugging Face hub id a preset or hub id names; ModelNotAvailable for anything else."""
+    if name in PRESETS and PRESETS[name].hub_id:
+        return PRESETS[name].hub_id
     if name in PRESETS:
-        preset = PRESETS[name]
-        return _from_hub(preset.hub_id, placement, preset.trust_remote_code)
-    if name.count("/") == 1 and not path.exists():
-        return _from_hub(name, placement, trust_remote_code=False)
+        raise ModelNotAvailable(f"{name!r} ships with the kit: it needs no download.")
+    if name.count("/") == 1 and not Path(name).exists():
+        return name
     raise ModelNotAvailable(
         f"Unknown model {name!r}. Use a preset ({', '.join(PRESETS)}), a hub id such as "
         f"Qwen/Qwen2.5-0.5B-Instruct, a local model folder, or a .gguf file."
     )
+
+
+def needs_remote_code(repository: str) -> bool:
+    """whether the kit knows `repository` to need code from its own repository (others are found out on loading)."""
+    return any(preset.remote_code and preset.hub_id.lower() == repository.lower() for preset in PRESETS.values())
 
 
 def context_length(model, tokenizer) -> int:
@@ -137,21 +161,38 @@ def _build_tiny_qwen2(placement: _Placement):
     return model.to(device=placement.device, dtype=placement.dtype).eval(), tokenizer
 
 
-def _from_pretrained(source: str, placement: _Placement, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **placement.pretrained_kwargs)
+def _from_pretrained(source: str, placement: _Placement, trust_remote_code: bool, shown_as: str | None = None):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                     **placement.pretrained_kwargs)
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise ModelNotAvailable(_remote_code_refusal(shown_as or source)) from None
     return model.eval(), tokenizer
 
 
-def _from_hub(hub_id: str, placement: _Placement, trust_remote_code: bool):
+def _remote_code_refusal(name: str) -> str:
+    return (
+        f"{name} needs remote code: Python files from the model's own repository (Qwen-7B-Chat's define its "
+        f"architecture and its model.chat), which transformers would download and run on this machine with your "
+        f"permissions, like any program you install. Allow it only for a repository you trust, with one of:\n"
+        f"  load_model({name!r}, trust_remote_code=True)\n"
+        f"  python -m tutorial_api serve --model {name} --trust-remote-code\n"
+        f"  TUTORIAL_API_TRUST_REMOTE_CODE=1 (for every notebook, or %env in a notebook's first cell)"
+    )
+
+
+def _from_hub(repository: str, placement: _Placement, trust_remote_code: bool):
     """load from the Hugging Face hub, turning a failed download into one clear message."""
-    logger.info("Loading %s from the Hugging Face hub (or its local cache)", hub_id)
+    logger.info("Loading %s from the Hugging Face hub (or its local cache)", repository)
     try:
-        return _from_pretrained(hub_id, placement, trust_remote_code)
+        return _from_pretrained(repository, placement, trust_remote_code)
     except OSError as error:
         reason = str(error).strip().splitlines()[0]
         raise ModelNotAvailable(
-            f"Could not load {hub_id!r} from the Hugging Face hub: {reason}\n"
-            f"Without internet, use the offline default: --model {DEFAULT_MODEL} "
-            f"(or TUTORIAL_API_MODEL={DEFAULT_MODEL})."
+            f"Could not load {repository!r} from the Hugging Face hub: {reason}\n"
+            f"Download it once while online (python -m tutorial_api download {repository}), then it loads offline. "
+            f"Without it, use the offline default: --model {DEFAULT_MODEL} (or TUTORIAL_API_MODEL={DEFAULT_MODEL})."
         ) from None

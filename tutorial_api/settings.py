@@ -24,6 +24,14 @@ def default_cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "tutorial_api"
 
 
+def _yes_or_no(text: str) -> bool:
+    """a switch's value: 1, true, yes, on or 0, false, no, off."""
+    answers = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if text.lower() not in answers:
+        raise ValueError(f"{text!r} is not a yes or no; use 1 or 0")
+    return answers[text.lower()]
+
+
 def _at_least(low):
     return lambda value: value >= low, f"of at least {low}"
 
@@ -100,6 +108,10 @@ class Settings:
                                    "most requests decoded together", int, valid=_at_least(1))
     max_waiting: int = _setting(64, "TUTORIAL_API_MAX_WAITING", "--max-waiting",
                                 "most requests waiting for the batch; more get 503", int, valid=_at_least(1))
+    trust_remote_code: bool = _setting(
+        False, "TUTORIAL_API_TRUST_REMOTE_CODE", "--trust-remote-code",
+        "run Python code from the model's own repository, which some models need (Qwen-7B-Chat): only for a "
+        "repository you trust", _yes_or_no)
 
     def __post_init__(self):
         for setting in fields(self):
