@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import soak  # noqa: E402
 
 # The kit's commands whose options this test checks against the real parsers; `download` comes from another module.
-CHECKED = ("keys", "serve", "chat")
+CHECKED = ("keys", "serve", "chat", "download")
 
 
 def commands(text: str, program: str) -> list[list[str]]:
