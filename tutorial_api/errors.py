@@ -1,5 +1,7 @@
 """refusals and request errors, answered in each API's own error shape: the tutorial's on `POST /`, OpenAI's on
-`/v1`."""
+`/v1`; an unexpected error too, with its details only in the server's log."""
+
+import logging
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -7,6 +9,8 @@ from starlette.exceptions import HTTPException
 
 from tutorial_api.openai_schemas import openai_error
 from tutorial_api.schemas import tutorial_error
+
+logger = logging.getLogger(__name__)
 
 
 class Refusal(HTTPException):
@@ -52,3 +56,32 @@ def _describe(problem: dict) -> tuple[str, str]:
         return "body", "The body must be a JSON object, sent with Content-Type: application/json."
     field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
     return field, f"{field}: {problem['msg']}"
+
+
+class CatchAll:
+    """ASGI middleware: an error no handler expected becomes a 500 in its API's shape, logged under the request's
+    id; a response already under way is cut off instead."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            logger.exception("Request %s failed", scope.get("state", {}).get("request_id", "-"))
+            if started:
+                raise
+            request = Request(scope, receive)
+            answer = await http_error(request, Refusal(500, "The server failed to answer; its log has the details "
+                                                            "under this request's X-Request-ID.", code="server_error"))
+            await answer(scope, receive, send)
