@@ -60,7 +60,7 @@ def test_a_request_without_sampling_values_takes_the_models(configured, tiny):
 
 def rows(*settings, tokens=()):
     """stand-ins for generations: the sampler reads their settings, prompt, tokens and seed's generator."""
-    return [SimpleNamespace(sampling=setting, prompt=[1], tokens=list(tokens), pending_logprob=None,
+    return [SimpleNamespace(sampling=setting, prompt=[1], tokens=list(tokens),
                             random=lambda device, s=setting: torch.Generator(device).manual_seed(s.seed))
             for setting in settings]
 

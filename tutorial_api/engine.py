@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from tutorial_api.chat import chat
-from tutorial_api.sampler import sample
+from tutorial_api.sampler import sample, token_logprobs
 from tutorial_api.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
@@ -27,10 +27,11 @@ _UNHEALTHY_AFTER_FAILED_STEPS = 3
 
 class EngineError(RuntimeError):
     """a generation the engine cannot serve or finish: `status` is the HTTP status that fits, the message is safe
-    to show a client (the cause is in the server's log)."""
+    to show a client (the cause is in the server's log); `retry_after` seconds, when trying again soon helps."""
 
     status = 500
     code = "server_error"
+    retry_after: int | None = None
 
 
 class EngineBusy(EngineError):
@@ -38,6 +39,7 @@ class EngineBusy(EngineError):
 
     status = 503
     code = "server_busy"
+    retry_after = 1
 
 
 class EngineStopped(EngineError):
@@ -59,7 +61,6 @@ class Generation:
         self.state = "waiting"
         self.tokens: list[int] = []
         self.logprobs: list[tuple[int, float, list]] = []  # (token, its logprob, [(alternative, logprob), ...])
-        self.pending_logprob = None  # set by the sampler for the token `accept` receives next
         self.finish_reason: str | None = None
         self.started = time.perf_counter()
         self._eos_ids = eos_ids
@@ -116,10 +117,9 @@ class Generation:
             self._random = torch.Generator(device=device).manual_seed(self.sampling.seed)
         return self._random
 
-    def accept(self, token: int) -> None:
-        """record a token and stream its text, ending the generation at an end token, a stop string or its budget.
-        Runs on the worker."""
-        logprob, self.pending_logprob = self.pending_logprob, None
+    def accept(self, token: int, logprob: tuple[float, list] | None = None) -> None:
+        """record a token (and its log-probabilities, when asked for) and stream its text, ending the generation at
+        an end token, a stop string or its budget. Runs on the worker."""
         if token in self._eos_ids:
             self.finish("stop")
             return
@@ -211,7 +211,8 @@ class Engine:
             if self._closing or self._stopped:
                 raise EngineStopped(self.problem or "The server is shutting down.")
             if len(self._waiting) >= self.max_waiting:
-                raise EngineBusy(f"{len(self._waiting)} requests are already waiting")
+                raise EngineBusy(f"The server is busy ({len(self._waiting)} requests are waiting); try again in a "
+                                 "moment.")
             self._waiting.append(generation)
             self._live.add(generation)
             self._wakeup.notify()
@@ -347,9 +348,11 @@ class _Batch:
     def _take(self, logits: torch.Tensor, first_row: int) -> None:
         """choose each row's next token from its logits, starting at batch row `first_row`."""
         rows = self.rows[first_row:]
-        for row, (generation, token) in enumerate(zip(rows, sample(logits, rows)), start=first_row):
-            self.next_tokens[row] = token
-            generation.accept(token)
+        tokens = sample(logits, rows)
+        logprobs = token_logprobs(logits, tokens, rows)
+        for row, (generation, token) in enumerate(zip(rows, tokens)):
+            self.next_tokens[first_row + row] = token
+            generation.accept(token, logprobs.get(row))
 
     def drop_finished(self) -> None:
         """remove finished and cancelled rows, and the cache columns no remaining row attends to."""

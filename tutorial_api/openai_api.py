@@ -123,9 +123,11 @@ async def _events(request, generation, completion_id, created, model, include_us
 
 def _logprobs(tokenizer, entries) -> dict:
     """OpenAI's `logprobs` of a choice, from the engine's (token, logprob, [(alternative, logprob), ...])."""
+    ids = sorted({token for entry in entries for token in (entry[0], *(alternative for alternative, _ in entry[2]))})
+    texts = dict(zip(ids, tokenizer.batch_decode([[token] for token in ids])))
+
     def described(token, logprob):
-        text = tokenizer.decode([token])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": texts[token], "logprob": logprob, "bytes": list(texts[token].encode())}
 
     return {"content": [{**described(token, logprob), "top_logprobs": [described(*pair) for pair in top]}
                         for token, logprob, top in entries]}

@@ -78,8 +78,7 @@ def settle(generation_config, *, temperature=None, top_p=None, presence_penalty=
 
 
 def sample(logits: torch.Tensor, generations) -> list[int]:
-    """the next token of each row of `logits`, by its generation's own settings; records log-probabilities for
-    the generations that asked (the model's own, before temperature and penalties)."""
+    """the next token of each row of `logits`, by its generation's own settings."""
     settings = [generation.sampling for generation in generations]
     if all(setting.greedy_as_is for setting in settings):
         return logits.argmax(-1).tolist()
@@ -90,20 +89,27 @@ def sample(logits: torch.Tensor, generations) -> list[int]:
         groups.setdefault(_group_key(setting), []).append(row)
     for key, rows in groups.items():
         index = torch.tensor(rows, device=logits.device)
-        group_scores = _processors(*key)(_history(generations, rows, scores.shape[-1]) if key[0] != 1.0 else None,
-                                         scores[index])
-        if not key[1]:
-            tokens[index] = group_scores.argmax(-1)
-            continue
-        probabilities = torch.softmax(group_scores, dim=-1)
-        unseeded = [i for i, row in enumerate(rows) if settings[row].seed is None]
-        if unseeded:
-            tokens[index[unseeded]] = torch.multinomial(probabilities[unseeded], 1).squeeze(1)
-        for i, row in enumerate(rows):
-            if settings[row].seed is not None:
-                tokens[row] = torch.multinomial(probabilities[i:i + 1], 1, generator=generations[row].random(logits.device))[0, 0]
-    _record_logprobs(logits, tokens, generations)
+        repetition_penalty, do_sample = key[:2]
+        history = _history(generations, rows, scores.shape[-1], logits.device) if repetition_penalty != 1.0 else None
+        group_scores = _processors(*key)(history, scores[index])
+        group = [generations[row] for row in rows]
+        tokens[index] = _draw(group_scores, group) if do_sample else group_scores.argmax(-1)
     return tokens.tolist()
+
+
+def _draw(scores: torch.Tensor, generations) -> torch.Tensor:
+    """one token per row from the softmax of `scores`: seeded rows each from their own generator, the others in
+    one call."""
+    probabilities = torch.softmax(scores, dim=-1)
+    unseeded = [row for row, generation in enumerate(generations) if generation.sampling.seed is None]
+    tokens = torch.empty(len(generations), dtype=torch.long, device=scores.device)
+    if unseeded:
+        tokens[unseeded] = torch.multinomial(probabilities[unseeded], 1).squeeze(1)
+    for row, generation in enumerate(generations):
+        if generation.sampling.seed is not None:
+            random = generation.random(scores.device)
+            tokens[row] = torch.multinomial(probabilities[row:row + 1], 1, generator=random)[0, 0]
+    return tokens
 
 
 def _group_key(setting: Sampling) -> tuple:
@@ -130,11 +136,11 @@ def _processors(repetition_penalty, do_sample, temperature, top_k, top_p, min_p)
     return processors
 
 
-def _history(generations, rows, vocab_size) -> torch.Tensor:
+def _history(generations, rows, vocab_size, device) -> torch.Tensor:
     """each row's prompt and answer so far, right-padded with `vocab_size`, an id the repetition penalty drops."""
     tokens = [generations[row].prompt + generations[row].tokens for row in rows]
     width = max(map(len, tokens))
-    return torch.tensor([t + [vocab_size] * (width - len(t)) for t in tokens])
+    return torch.tensor([t + [vocab_size] * (width - len(t)) for t in tokens], device=device)
 
 
 def _penalised(scores: torch.Tensor, generations) -> torch.Tensor:
@@ -155,16 +161,17 @@ def _penalised(scores: torch.Tensor, generations) -> torch.Tensor:
     return scores
 
 
-def _record_logprobs(logits: torch.Tensor, tokens: torch.Tensor, generations) -> None:
+def token_logprobs(logits: torch.Tensor, tokens: list[int], generations) -> dict[int, tuple[float, list]]:
+    """for each row whose generation asked: the chosen token's log-probability and the likeliest alternatives,
+    `(logprob, [(token, logprob), ...])`, by the model's own distribution (before temperature and penalties)."""
     rows = [row for row, g in enumerate(generations) if g.sampling.top_logprobs is not None]
     if not rows:
-        return
+        return {}
     index = torch.tensor(rows, device=logits.device)
     logprobs = torch.log_softmax(logits[index].float(), dim=-1)
-    chosen = logprobs.gather(1, tokens[index, None])[:, 0].tolist()
+    chosen = logprobs.gather(1, torch.tensor([tokens[row] for row in rows], device=logits.device)[:, None])
     widest = max(generations[row].sampling.top_logprobs for row in rows)
-    top_values, top_ids = logprobs.topk(widest, dim=-1) if widest else (logprobs[:, :0], logprobs[:, :0].long())
-    for i, row in enumerate(rows):
-        count = generations[row].sampling.top_logprobs
-        generations[row].pending_logprob = (chosen[i], list(zip(top_ids[i, :count].tolist(),
-                                                                top_values[i, :count].tolist())))
+    top_values, top_ids = logprobs.topk(widest, dim=-1)
+    return {row: (chosen[i, 0].item(), list(zip(top_ids[i, :generations[row].sampling.top_logprobs].tolist(),
+                                                top_values[i, :generations[row].sampling.top_logprobs].tolist())))
+            for i, row in enumerate(rows)}

@@ -6,7 +6,7 @@ import time
 from fastapi import Request
 
 from tutorial_api.chat import prepare
-from tutorial_api.engine import EngineBusy, EngineError
+from tutorial_api.engine import EngineError
 from tutorial_api.errors import Refusal
 from tutorial_api.limits import check_tokens, check_turns
 
@@ -26,8 +26,6 @@ def start_generation(request: Request, messages, *, budget_field=None, stop=(), 
     check_tokens(prepared, settings, budget_field)
     try:
         generation = engine.submit(prepared, stop=stop, label=request.state.request_id)
-    except EngineBusy:
-        raise Refusal(503, "The server is busy; try again in a moment.", headers={"Retry-After": "1"}) from None
     except EngineError as error:
         raise _refusal(error) from None
     request.state.generation = generation  # for the request log
@@ -75,7 +73,8 @@ async def stream_or_timeout(request: Request, generation, ping_every: float | No
 
 def _refusal(error: EngineError) -> Refusal:
     """the engine's own error as the server's refusal, in each API's shape."""
-    return Refusal(error.status, str(error), code=error.code)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    return Refusal(error.status, str(error), code=error.code, headers=headers)
 
 
 def _seconds_left(request: Request, generation) -> float | None:
