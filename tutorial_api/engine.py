@@ -95,7 +95,8 @@ class Generation:
         try:
             while True:
                 try:
-                    piece = await asyncio.wait_for(self._pieces.get(), ping_every)
+                    async with asyncio.timeout(ping_every):  # a timer, not a task: cheap for every piece
+                        piece = await self._pieces.get()
                 except TimeoutError:
                     yield None
                     continue
