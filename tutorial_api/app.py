@@ -15,7 +15,8 @@ from tutorial_api import openai_api, tutorial_routes
 from tutorial_api.access import keys_from, require_key
 from tutorial_api.docs import add_docs
 from tutorial_api.engine import Engine
-from tutorial_api.errors import CatchAll, http_error, invalid_request
+from tutorial_api.chat import ChatInputError
+from tutorial_api.errors import CatchAll, http_error, invalid_request, unservable_chat
 from tutorial_api.limits import BodyLimit, Slots, concurrency_slot
 from tutorial_api.models import load_model
 from tutorial_api.openai_schemas import ErrorResponse
@@ -59,6 +60,7 @@ def create_app(model=None, settings: Settings | None = None, *, device=None, dty
     app.state.slots = Slots(settings.max_concurrent_per_key) if settings.max_concurrent_per_key else None
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ChatInputError, unservable_chat)
     app.include_router(tutorial_routes.router, **_guards(app, ChatError))
     app.include_router(openai_api.router, **_guards(app, ErrorResponse))
     app.add_api_route("/health", _health, methods=["GET"], response_model=Health, response_model_exclude_none=True,

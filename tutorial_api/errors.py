@@ -7,10 +7,14 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from tutorial_api.chat import ChatInputError
 from tutorial_api.openai_schemas import openai_error
 from tutorial_api.schemas import tutorial_error
 
 logger = logging.getLogger(__name__)
+
+# Our names for request fields, as OpenAI's clients know them.
+_OPENAI_PARAM = {"prompt": "messages", "history": "messages", "max_length": "max_tokens"}
 
 
 class Refusal(HTTPException):
@@ -37,6 +41,13 @@ async def http_error(request: Request, error: HTTPException):
         kind = "server_error" if error.status_code >= 500 else "invalid_request_error"
         return openai_error(error.status_code, str(error.detail), field or None, kind, code, headers=error.headers)
     return tutorial_error(error.status_code, field, str(error.detail), headers=error.headers)
+
+
+async def unservable_chat(request: Request, error: ChatInputError):
+    """a conversation the model cannot serve as asked: 422 on `POST /`, 400 on `/v1`, naming the field to change."""
+    if _is_openai(request):
+        return await http_error(request, Refusal(400, str(error), field=_OPENAI_PARAM.get(error.field, error.field)))
+    return await http_error(request, Refusal(422, str(error), field=error.field))
 
 
 async def invalid_request(request: Request, error: RequestValidationError):

@@ -8,7 +8,6 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 
-from tutorial_api.chat import ChatInputError
 from tutorial_api.errors import Refusal
 from tutorial_api.models import context_length
 from tutorial_api.openai_schemas import (
@@ -18,7 +17,6 @@ from tutorial_api.openai_schemas import (
     ModelCard,
     ModelList,
     Usage,
-    openai_error,
 )
 from tutorial_api.serving import answer_or_cancel, start_generation, stream_or_timeout
 
@@ -26,8 +24,6 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
-# Our names for request fields, as OpenAI's clients know them.
-_OPENAI_PARAM = {"prompt": "messages", "history": "messages", "max_length": "max_tokens"}
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 500, 503)}
 # A stream that has sent nothing for this long sends an SSE comment, so proxies and clients keep it open.
 KEEPALIVE_SECONDS = 15.0
@@ -52,25 +48,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     budget_field = min(budgets, key=budgets.get, default=None)
     engine = request.app.state.engine
     if engine.legacy:
-        return openai_error(400, "This model's remote code has its own chat(): it is served on POST / only.", "model")
-    try:
-        generation = start_generation(
-            request,
-            [message.for_template() for message in body.messages],
-            # Unlike the tutorial's max_length, OpenAI's budget leaves the whole context to the answer.
-            max_length=context_length(engine.model, engine.tokenizer),
-            max_new_tokens=budgets.get(budget_field),
-            budget_field=budget_field,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-            seed=body.seed,
-            stop=body.stop or (),
-        )
-    except ChatInputError as error:
-        return openai_error(400, str(error), _OPENAI_PARAM.get(error.field, error.field))
+        raise Refusal(400, "This model's remote code has its own chat(): it is served on POST / only.", field="model")
+    generation = start_generation(
+        request,
+        [message.for_template() for message in body.messages],
+        # Unlike the tutorial's max_length, OpenAI's budget leaves the whole context to the answer.
+        max_length=context_length(engine.model, engine.tokenizer),
+        max_new_tokens=budgets.get(budget_field),
+        budget_field=budget_field,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        seed=body.seed,
+        stop=body.stop or (),
+    )
     completion_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), request.app.state.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -78,7 +71,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                                    headers=_SSE_HEADERS)
     content = await answer_or_cancel(request, generation)
     if content is None:
-        return openai_error(499, "The client disconnected.", None)
+        raise Refusal(499, "The client disconnected.")
     logprobs = _logprobs(engine.tokenizer, generation.logprobs) if body.logprobs else None
     return ChatCompletion(
         id=completion_id, created=created, model=model, usage=_usage(generation),
