@@ -198,6 +198,8 @@ class Engine:
     @property
     def problem(self) -> str | None:
         """why the engine cannot generate now, or None while it can."""
+        if self._closing:
+            return "The server is shutting down."
         if self._stopped or not self._worker.is_alive():
             return "The generation worker has stopped after an internal error; restart the server."
         if self.failed_steps >= _UNHEALTHY_AFTER_FAILED_STEPS:
@@ -210,7 +212,7 @@ class Engine:
         generation = Generation(prepared, self.tokenizer, self._eos_ids, self, stop=stop, label=label)
         with self._wakeup:
             if self._closing or self._stopped:
-                raise EngineStopped(self.problem or "The server is shutting down.")
+                raise EngineStopped(self.problem)
             if len(self._waiting) >= self.max_waiting:
                 raise EngineBusy(f"The server is busy ({len(self._waiting)} requests are waiting); try again in a "
                                  "moment.")
@@ -248,13 +250,13 @@ class Engine:
                     except Exception as error:  # noqa: BLE001 - a failed step must not kill the worker
                         self.failed_steps += 1
                         self._fail_step(error)
-        except BaseException:  # noqa: BLE001 - logged here, where the requests it ends are named below
+        except BaseException:  # noqa: BLE001 - whatever ends the worker is logged; `finally` ends its requests
             logger.critical("The generation worker stopped", exc_info=True)
         finally:
             with self._wakeup:
                 self._stopped = True
                 self._waiting.clear()
-                ended = EngineStopped("The server is shutting down." if self._closing else self.problem)
+                ended = EngineStopped(self.problem)
                 for generation in list(self._live):
                     generation.finish("error", ended)
 
