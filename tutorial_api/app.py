@@ -7,15 +7,15 @@ from dataclasses import replace
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tutorial_api import openai_api, tutorial_routes
 from tutorial_api.access import keys_from, require_key
+from tutorial_api.chat import ChatInputError
 from tutorial_api.docs import add_docs
 from tutorial_api.engine import Engine
-from tutorial_api.chat import ChatInputError
 from tutorial_api.errors import CatchAll, http_error, invalid_request, unservable_chat
 from tutorial_api.limits import BodyLimit, Slots, concurrency_slot
 from tutorial_api.models import load_model
