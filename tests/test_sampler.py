@@ -105,18 +105,21 @@ def test_log_probabilities_are_the_models_own(tiny):
 
 
 @pytest.mark.gpu
-def test_seeded_and_unseeded_requests_share_a_batch_on_the_gpu(tiny):
-    model, tokenizer = tiny
+def test_seeded_penalised_and_plain_requests_share_a_batch_on_the_gpu(configured):
+    model, tokenizer = configured
     model = copy.deepcopy(model).to("cuda")
+    options = [{"seed": 5}, {}, {"seed": 5}, {"presence_penalty": 1.0, "top_logprobs": 2}, {"temperature": 0}]
 
     async def main():
         engine = Engine(model, tokenizer)
         try:
-            generations = [engine.submit(prepare(model, tokenizer, build_messages(PROMPT), max_new_tokens=8,
-                                                 temperature=1.0, seed=seed)) for seed in (5, None, 5, None)]
-            return [await generation.text() for generation in generations]
+            generations = [engine.submit(prepare(model, tokenizer, build_messages(PROMPT), max_new_tokens=8, **option))
+                           for option in options]
+            return [await generation.text() for generation in generations], generations[3].logprobs
         finally:
             engine.close()
 
-    first, _, same_seed, _ = asyncio.run(main())
+    (first, _, same_seed, _, greedy), logprobs = asyncio.run(main())
     assert first == same_seed
+    assert len(logprobs) == 8 and all(len(top) == 2 for _, _, top in logprobs)
+    assert greedy.strip() == chat(model, tokenizer, PROMPT, max_new_tokens=8, temperature=0)[0]
