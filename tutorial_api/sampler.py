@@ -1,4 +1,4 @@
-"""the one sampler: the model's GenerationConfig with a request's own values on top, applied to a batch row by row.
+"""the one sampler: the model's GenerationConfig with a request's own values on top, for each row of a batch.
 
 `chat()` hands the same settings to `generate()`; the engine applies them with transformers' own logits processors,
 one call for each group of rows that share their settings, so both pick tokens the same way.
