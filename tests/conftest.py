@@ -1,5 +1,7 @@
 import copy
+import json
 import os
+import threading
 import time
 
 import pytest
@@ -8,6 +10,17 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tutorial_api import create_app, load_model, start_server  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests marked `gpu` need CUDA: skipped where there is none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +70,48 @@ def slow_tiny(tiny):
 
     slow.forward = forward
     return slow, tokenizer
+
+
+class FaultyModel:
+    """a model that behaves like the one it wraps, except on the forward calls `fails(call, input_ids)` picks:
+    there it raises `error`. `gate`, when set, holds every call until the test opens it; `entered` is set once
+    a call waits there."""
+
+    def __init__(self, model, fails=lambda call, input_ids: False, error=RuntimeError("injected fault: secret")):
+        self._model, self._fails, self._error = model, fails, error
+        self.calls = 0
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+
+    def __call__(self, input_ids, **kwargs):
+        self.calls += 1
+        if self.gate is not None:
+            self.entered.set()
+            self.gate.wait()
+        if self._fails(self.calls, input_ids):
+            raise self._error
+        return self._model(input_ids=input_ids, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+@pytest.fixture
+def faulty(tiny):
+    """build a FaultyModel around the tiny model: `faulty(fails=..., error=...)`."""
+    return lambda **options: FaultyModel(tiny[0], **options)
+
+
+@pytest.fixture
+def decoding():
+    """read a streamed OpenAI answer until its first token's text: its request is in the running batch, not
+    waiting. Returns the lines, to keep: dropping them closes the connection, and the server cancels."""
+
+    def read(streamed):
+        lines = streamed.iter_lines(decode_unicode=True)
+        while not (line := next(lines)).startswith("data: ") or not json.loads(line[6:])["choices"][0]["delta"].get(
+                "content"):
+            pass
+        return lines
+
+    return read

@@ -42,6 +42,57 @@ def test_health_names_the_model(client):
     assert answer.json() == {"status": "ok", "model": "tiny-qwen2", "active_requests": 0}
 
 
+class BrokenTemplate:
+    """a tokenizer whose chat template fails: an error no route expects."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise RuntimeError("template exploded: secret")
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_an_unexpected_error_answers_500_in_each_apis_shape(tiny, caplog):
+    with TestClient(create_app((tiny[0], BrokenTemplate(tiny[1])))) as broken:
+        tutorial = broken.post("/", json={"prompt": "hi"})
+        openai = broken.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert tutorial.status_code == 500 and set(tutorial.json()) == {"status", "field", "message", "time"}
+    assert openai.status_code == 500 and openai.json()["error"]["type"] == "server_error"
+    for answer in (tutorial, openai):
+        assert "secret" not in answer.text and "X-Request-ID" in answer.text
+        assert f"Request {answer.headers['X-Request-ID']} failed" in caplog.text
+    assert "template exploded: secret" in caplog.text
+
+
+def test_health_is_503_with_a_reason_after_failed_steps_and_200_once_it_generates(tiny, faulty):
+    model = faulty(fails=lambda call, input_ids: call <= 3)
+    with TestClient(create_app((model, tiny[1]))) as client:
+        for _ in range(3):
+            failed = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+            assert failed.status_code == 500 and "secret" not in failed.text
+        lost = client.get("/health")
+        assert lost.status_code == 503 and lost.json()["status"] == "unavailable" and "failed" in lost.json()["reason"]
+        assert client.post("/", json={"prompt": "hi", "max_length": 40}).status_code == 200
+        assert client.get("/health").status_code == 200
+
+
+def test_a_dead_worker_answers_503_on_health_and_on_every_request(tiny, faulty):
+    class WorkerKilled(BaseException):
+        """an error no step guard catches."""
+
+    model = faulty(fails=lambda call, input_ids: True, error=WorkerKilled())
+    with TestClient(create_app((model, tiny[1]))) as client:
+        first = client.post("/", json={"prompt": "hi"})
+        health = client.get("/health")
+        later = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert first.status_code == 503 and "restart the server" in first.json()["message"]
+    assert health.status_code == 503 and "restart the server" in health.json()["reason"]
+    assert later.status_code == 503 and "restart the server" in later.json()["error"]["message"]
+
+
 BAD_REQUESTS = {
     "missing-prompt": ({"history": []}, "prompt"),
     "empty-prompt": ({"prompt": ""}, "prompt"),
@@ -96,7 +147,9 @@ def test_health_answers_while_a_generation_runs(tiny_server):
     long_request = threading.Thread(target=requests.post, args=(tiny_server.url,),
                                     kwargs={"json": {"prompt": "Tell me a story", "temperature": 0}})
     long_request.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while not requests.get(f"{tiny_server.url}/health").json()["active_requests"]:
+        assert time.monotonic() < deadline, "the generation never started"
     latencies = []
     for _ in range(10):
         started = time.perf_counter()
@@ -164,15 +217,15 @@ def test_cross_origin_calls_come_only_from_the_configured_origins():
     assert "x-request-id" in models.headers["access-control-expose-headers"].lower()
 
 
-def test_a_full_queue_answers_503_on_the_tutorial_endpoint(slow_tiny):
+def test_a_full_queue_answers_503_on_the_tutorial_endpoint(slow_tiny, decoding):
     server = start_server(create_app(slow_tiny, max_batch_size=1, max_waiting=1), port=0, log_level="warning")
     long = {"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 900, "temperature": 0,
             "stream": True}
     try:
         with requests.post(f"{server.url}/v1/chat/completions", json=long, stream=True) as running, \
                 ThreadPoolExecutor(1) as pool:
-            lines = running.iter_lines()  # kept: dropping it would hang up, and the server would cancel
-            next(lines)  # the first request is decoding: the next one waits, and one more finds the queue full
+            lines = decoding(running)  # noqa: F841 - kept: dropping it would hang up, and the server would cancel
+            # The first request is decoding: the next one waits, and one more finds the queue full.
             pool.submit(requests.post, server.url, json={"prompt": "Tell me a story", "temperature": 0}, timeout=3)
             deadline = time.monotonic() + 10
             while requests.get(f"{server.url}/health").json()["active_requests"] < 2:

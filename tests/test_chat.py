@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tutorial_api import ChatInputError, chat
-from tutorial_api.chat import DEFAULT_MAX_LENGTH, build_messages, prepare
+from tutorial_api.chat import DEFAULT_MAX_LENGTH, build_messages, prepare, tutorial_sampling
 
 
 def reference_greedy(model, tokenizer, messages, max_new_tokens):
@@ -75,11 +75,12 @@ def test_answer_stays_within_max_length(tiny):
 
 def test_sampling_settings_are_not_silently_replaced(tiny):
     model, tokenizer = tiny
-    assert prepare(model, tokenizer, build_messages("Hi"), temperature=0).sampling == {"do_sample": False}
-    assert prepare(model, tokenizer, build_messages("Hi"), temperature=0.3, top_p=0.5).sampling == {
-        "do_sample": True, "temperature": 0.3, "top_p": 0.5}
-    assert prepare(model, tokenizer, build_messages("Hi")).sampling == {
-        "do_sample": True, "temperature": 0.95, "top_p": 0.7}
+    greedy = prepare(model, tokenizer, build_messages("Hi"), temperature=0).sampling
+    assert greedy.generate_options() == {"do_sample": False, "repetition_penalty": 1.0}
+    chosen = prepare(model, tokenizer, build_messages("Hi"), temperature=0.3, top_p=0.5).sampling
+    assert (chosen.do_sample, chosen.temperature, chosen.top_p) == (True, 0.3, 0.5)
+    assert prepare(model, tokenizer, build_messages("Hi"), **tutorial_sampling()).sampling.generate_options() == {
+        "do_sample": True, "temperature": 0.95, "top_p": 0.7, "top_k": 0, "min_p": None, "repetition_penalty": 1.0}
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,12 @@
 import asyncio
+import threading
+from functools import partial
 
 import pytest
-import torch
 
 from tutorial_api import chat
 from tutorial_api.chat import build_messages, prepare
-from tutorial_api.engine import Engine, EngineBusy
+from tutorial_api.engine import Engine, EngineBusy, EngineError, EngineStopped
 
 PROMPTS = ["你好", "Tell me a story", "What is FastAPI?", "Question number 3", "给这个故事起一个标题",
            "A longer question about the many uses of batching in servers", "Hi", "Why?"]
@@ -18,8 +19,7 @@ def run(tiny, scenario, **engine_options):
     async def main():
         engine = Engine(model, tokenizer, **engine_options)
         try:
-            return await scenario(engine, lambda prompt, seed=None, stop=(), **options: engine.submit(
-                prepare(model, tokenizer, build_messages(prompt), **options), seed=seed, stop=stop))
+            return await scenario(engine, partial(submit_to, engine, model, tokenizer))
         finally:
             engine.close()
 
@@ -112,20 +112,149 @@ def test_a_full_queue_refuses_at_once(tiny):
     assert reason == "length"
 
 
-def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny):
-    model, tokenizer = tiny
+def test_a_failed_prefill_fails_only_its_newcomers_while_the_batch_goes_on(tiny, faulty):
+    prefills = []
+    model = faulty(fails=lambda call, input_ids: prefills.append(input_ids.shape[1] > 1) or prefills.count(True) == 2
+                   and prefills[-1])  # the second request's prefill
 
     async def scenario(engine, submit):
-        broken = prepare(model, tokenizer, build_messages("hi"), max_new_tokens=5)
-        broken.input_ids = torch.full_like(broken.input_ids, model.config.vocab_size + 10)
-        with pytest.raises(IndexError):
-            await engine.submit(broken).text()
-        healthy = submit("hi", max_new_tokens=5, temperature=0)
-        text = await healthy.text()
-        await wait_until_idle(engine)
-        return text, healthy.finish_reason
+        running = submit(PROMPTS[1], max_new_tokens=20, temperature=0)
+        await first_piece(running)
+        with pytest.raises(EngineError) as failure:
+            await submit(PROMPTS[2], max_new_tokens=5, temperature=0).text()
+        return await running.text(), running.finish_reason, str(failure.value)
 
-    assert run(tiny, scenario)[1] == "length"
+    _, reason, message = run((model, tiny[1]), scenario)
+    assert reason == "length"
+    assert "secret" not in message  # the cause goes to the log, not to the client
+
+
+def test_a_failed_decode_while_newcomers_join_fails_them_all_and_the_engine_goes_on(tiny, faulty):
+    prefills = []
+
+    def decode_right_after_a_second_prefill(call, input_ids):
+        prefills.append(input_ids.shape[1] > 1)
+        return len(prefills) > 2 and prefills[-2] and prefills.count(True) == 2 and not prefills[-1]
+
+    model = faulty(fails=decode_right_after_a_second_prefill)
+
+    async def scenario(engine, submit):
+        running = submit(PROMPTS[1], max_new_tokens=900, temperature=0)
+        await first_piece(running)
+        newcomer = submit(PROMPTS[2], max_new_tokens=900, temperature=0)
+        outcomes = await asyncio.wait_for(asyncio.gather(running.text(), newcomer.text(), return_exceptions=True), 20)
+        after = await submit("hi", max_new_tokens=3, temperature=0).text()
+        return outcomes, after, engine.active, engine.problem
+
+    outcomes, after, active, problem = run((model, tiny[1]), scenario, max_batch_size=4)
+    assert all(isinstance(outcome, EngineError) for outcome in outcomes), outcomes
+    assert after and active == 0 and problem is None
+
+
+def test_a_finished_request_keeps_its_finish_reason(tiny):
+    async def scenario(engine, submit):
+        done = submit("hi", max_new_tokens=2, temperature=0)
+        text = await done.text()
+        done.finish("error", EngineError("a late failure"))
+        return text, done.finish_reason, engine.active
+
+    text, reason, active = run(tiny, scenario)
+    assert text and reason == "length" and active == 0
+
+
+def test_a_cancelled_waiting_request_gives_its_place_to_the_next(slow_tiny):
+    async def scenario(engine, submit):
+        running = submit(PROMPTS[0], max_new_tokens=900, temperature=0)
+        await first_piece(running)
+        waiting = submit(PROMPTS[1], max_new_tokens=5, temperature=0)
+        waiting.cancel()
+        next_one = submit(PROMPTS[2], max_new_tokens=3, temperature=0)  # the queue holds one: this one fits now
+        running.cancel()
+        return waiting.finish_reason, await next_one.text(), next_one.finish_reason
+
+    cancelled, _, reason = run(slow_tiny, scenario, max_batch_size=1, max_waiting=1)
+    assert (cancelled, reason) == ("cancelled", "length")
+
+
+def test_a_request_being_prefilled_counts_as_active(tiny, faulty):
+    model = faulty()
+    model.gate = threading.Event()
+
+    async def scenario(engine, submit):
+        generation = submit("hi", max_new_tokens=3, temperature=0)
+        await asyncio.to_thread(model.entered.wait)
+        seen = engine.active, generation.state
+        model.gate.set()
+        await generation.text()
+        return seen
+
+    assert run((model, tiny[1]), scenario) == (1, "prefilling")
+
+
+def test_closing_ends_every_request_with_an_error_and_refuses_new_ones(slow_tiny):
+    model, tokenizer = slow_tiny
+
+    async def main():
+        engine = Engine(model, tokenizer, max_batch_size=1)
+        submit = partial(submit_to, engine, model, tokenizer)
+        running = submit(PROMPTS[0], max_new_tokens=900, temperature=0)
+        await first_piece(running)
+        waiting = submit(PROMPTS[1], max_new_tokens=900, temperature=0)
+        engine.close()
+        outcomes = await asyncio.wait_for(asyncio.gather(running.text(), waiting.text(), return_exceptions=True), 5)
+        with pytest.raises(EngineStopped):
+            submit("hi", max_new_tokens=3)
+        return outcomes, engine.active
+
+    outcomes, active = asyncio.run(main())
+    assert all(isinstance(outcome, EngineStopped) for outcome in outcomes), outcomes
+    assert active == 0
+
+
+class WorkerKilled(BaseException):
+    """an error no step guard catches: it ends the worker thread."""
+
+
+def test_a_dead_worker_fails_its_requests_and_says_so(tiny, faulty):
+    model = faulty(fails=lambda call, input_ids: call == 2, error=WorkerKilled())
+
+    async def scenario(engine, submit):
+        with pytest.raises(EngineStopped):
+            await asyncio.wait_for(submit(PROMPTS[1], max_new_tokens=20, temperature=0).text(), 10)
+        with pytest.raises(EngineStopped):
+            submit("hi", max_new_tokens=3)
+        return engine.problem
+
+    problem = run((model, tiny[1]), scenario)
+    assert "restart the server" in problem
+
+
+def test_health_is_lost_after_failed_steps_and_back_once_it_generates(tiny, faulty):
+    model = faulty(fails=lambda call, input_ids: call <= 3)
+
+    async def scenario(engine, submit):
+        for _ in range(3):
+            with pytest.raises(EngineError):
+                await submit("hi", max_new_tokens=3).text()
+        lost = engine.problem
+        await submit("hi", max_new_tokens=3).text()
+        return lost, engine.problem
+
+    lost, back = run((model, tiny[1]), scenario)
+    assert "3 generation steps failed" in lost and back is None
+
+
+def submit_to(engine, model, tokenizer, prompt, stop=(), **options):
+    return engine.submit(prepare(model, tokenizer, build_messages(prompt), **options), stop=stop)
+
+
+async def first_piece(generation, timeout=10.0):
+    """wait until the generation has decoded its first token: it is in the running batch."""
+    for _ in range(int(timeout / 0.001)):
+        if generation.completion_tokens:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("no token within the timeout")
 
 
 async def wait_until_idle(engine, timeout=5.0):

@@ -5,8 +5,9 @@ import time
 import openai
 import pytest
 import requests
+from fastapi.testclient import TestClient
 
-from tutorial_api import chat, create_app, start_server
+from tutorial_api import chat, create_app, openai_api, start_server
 from tutorial_api.chat import build_messages
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "给我讲一个故事"}]
@@ -100,6 +101,11 @@ BAD_REQUESTS = {
     "negative-seed": ({"messages": MESSAGES, "seed": -1}, "seed"),
     "temperature-as-bool": ({"messages": MESSAGES, "temperature": False}, "temperature"),
     "longer-than-context": ({"messages": [{"role": "user", "content": "word " * 1100}]}, "messages"),
+    "tools": ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    "response-format": ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+    "logit-bias": ({"messages": MESSAGES, "logit_bias": {"42": 5}}, "logit_bias"),
+    "top-logprobs-without-logprobs": ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+    "presence-penalty-too-high": ({"messages": MESSAGES, "presence_penalty": 3}, "presence_penalty"),
 }
 
 
@@ -121,17 +127,22 @@ def test_malformed_json_and_unknown_paths_keep_the_openai_shape(tiny_server):
     assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_a_full_queue_answers_503_with_retry_after(one_slot_server):
+def wait_for_active(server, count):
+    deadline = time.monotonic() + 10
+    while requests.get(f"{server.url}/health").json()["active_requests"] < count:
+        assert time.monotonic() < deadline, f"fewer than {count} requests ever became active"
+        time.sleep(0.01)
+
+
+def test_a_full_queue_answers_503_with_retry_after(one_slot_server, decoding):
     url = f"{one_slot_server.url}/v1/chat/completions"
     long = {"messages": MESSAGES, "max_tokens": 900, "temperature": 0, "stream": True}  # greedy: never ends early
-    with requests.post(url, json=long, stream=True) as running, requests.post(url, json=long, stream=True) as waiting:
-        lines = running.iter_lines()  # kept: a dropped iterator closes the connection, and the server cancels
-        next(lines)
-        deadline = time.monotonic() + 10
-        while requests.get(f"{one_slot_server.url}/health").json()["active_requests"] < 2:
-            assert time.monotonic() < deadline
-        refused = requests.post(url, json={"messages": MESSAGES, "max_tokens": 2})
-        assert waiting.status_code == 200
+    with requests.post(url, json=long, stream=True) as running:
+        lines = decoding(running)  # noqa: F841 - held open
+        with requests.post(url, json=long, stream=True) as waiting:
+            wait_for_active(one_slot_server, 2)
+            refused = requests.post(url, json={"messages": MESSAGES, "max_tokens": 2})
+            assert waiting.status_code == 200
     assert refused.status_code == 503
     assert refused.headers["Retry-After"] == "1"
     assert refused.json()["error"]["type"] == "server_error"
@@ -168,3 +179,70 @@ def test_the_tutorial_endpoint_shares_the_engine(tiny_server, client, tiny):
     expected = chat(*tiny, "给我讲一个故事", max_length=60, temperature=0)[0]
     assert answer["response"] == expected
     assert build_messages("给我讲一个故事")[-1]["content"] == answer["history"][0][0]
+
+
+def test_the_developer_role_is_the_system_message(client):
+    def answer(role):
+        messages = [{"role": role, "content": "You are terse."}, MESSAGES[1]]
+        return client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+
+    assert answer("developer").choices[0].message.content == answer("system").choices[0].message.content
+    assert answer("developer").usage.prompt_tokens == answer("system").usage.prompt_tokens
+
+
+def test_logprobs_with_the_official_client(client):
+    completion = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=6, temperature=0,
+                                                logprobs=True, top_logprobs=3)
+    content = completion.choices[0].logprobs.content
+    assert len(content) == 6
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.logprob == max(alternative.logprob for alternative in entry.top_logprobs) <= 0
+    assert "".join(entry.token for entry in content).strip() == completion.choices[0].message.content.strip()
+    chunks = list(client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=6, temperature=0,
+                                                 logprobs=True, stream=True))
+    streamed = [entry for chunk in chunks if chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_a_presence_penalty_keeps_tokens_from_repeating(client):
+    def tokens(**penalty):
+        completion = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=40, temperature=0,
+                                                    logprobs=True, **penalty)
+        return [entry.token for entry in completion.choices[0].logprobs.content]
+
+    assert len(set(tokens())) < 40, "the plain greedy answer should repeat itself for this test to mean anything"
+    assert len(set(tokens(presence_penalty=2.0))) == 40
+    assert tokens(frequency_penalty=2.0) != tokens()
+
+
+def test_streams_are_not_cached_and_are_kept_alive(tiny, faulty, monkeypatch):
+    monkeypatch.setattr(openai_api, "KEEPALIVE_SECONDS", 0.05)
+    model = faulty()
+    model.gate = threading.Event()  # the worker holds the first step until the test has seen a keep-alive
+    try:
+        with TestClient(create_app((model, tiny[1]))) as test_client, test_client.stream(
+                "POST", "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3, "stream": True}) as answer:
+            assert answer.headers["cache-control"] == "no-cache"
+            lines = answer.iter_lines()
+            assert next(lines).startswith("data: ")
+            while (line := next(lines)) != ": ping":
+                assert line == "", line
+            model.gate.set()
+            assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+    finally:
+        model.gate.set()
+
+
+def test_a_stream_failing_midway_ends_with_a_safe_error_event(tiny, faulty, caplog):
+    model = faulty(fails=lambda call, input_ids: call == 3)
+    with TestClient(create_app((model, tiny[1]))) as test_client, test_client.stream(
+            "POST", "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 20, "stream": True}) as answer:
+        events = [line[6:] for line in answer.iter_lines() if line.startswith("data: ")]
+    assert answer.status_code == 200 and "[DONE]" not in events
+    assert any(json.loads(event)["choices"][0]["delta"].get("content") for event in events[:-1])
+    error = json.loads(events[-1])["error"]
+    assert error["type"] == "server_error" and error["message"] and "secret" not in events[-1]
+    assert "injected fault: secret" in caplog.text  # the cause is in the server's log

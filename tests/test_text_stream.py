@@ -33,3 +33,10 @@ def test_text_that_only_looks_like_a_stop_string_is_released(tiny):
     pieces, stopped = stream(tokenizer, "THE ENTRANCE is open", stop=["THE END"])
     assert not stopped
     assert "".join(pieces) == "THE ENTRANCE is open"
+
+
+def test_the_earliest_stop_string_wins_whatever_its_place_in_the_list(tiny):
+    _, tokenizer = tiny
+    pieces, stopped = stream(tokenizer, "Hello World", stop=["World", "lo W"])
+    assert stopped
+    assert "".join(pieces) == "Hel"

@@ -8,13 +8,15 @@ from dataclasses import replace
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tutorial_api import openai_api, tutorial_routes
 from tutorial_api.access import keys_from, require_key
+from tutorial_api.chat import ChatInputError
 from tutorial_api.docs import add_docs
 from tutorial_api.engine import Engine
-from tutorial_api.errors import http_error, invalid_request
+from tutorial_api.errors import CatchAll, http_error, invalid_request, unservable_chat
 from tutorial_api.limits import BodyLimit, Slots, concurrency_slot
 from tutorial_api.models import load_model
 from tutorial_api.openai_schemas import ErrorResponse
@@ -59,14 +61,17 @@ def create_app(model=None, settings: Settings | None = None, *, device=None, dty
     app.state.slots = Slots(settings.max_concurrent_per_key) if settings.max_concurrent_per_key else None
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ChatInputError, unservable_chat)
     app.include_router(tutorial_routes.router, **_guards(app, ChatError))
     app.include_router(openai_api.router, **_guards(app, ErrorResponse))
-    app.add_api_route("/health", _health, methods=["GET"], response_model=Health)
+    app.add_api_route("/health", _health, methods=["GET"], response_model=Health, response_model_exclude_none=True,
+                      responses={503: {"model": Health, "description": "the engine cannot generate now, and why"}})
     add_docs(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-ID", "Retry-After"])
+    app.add_middleware(CatchAll)
     app.add_middleware(RequestLog)  # the outermost: it logs every request, CORS preflights and refusals too
     return app
 
@@ -85,6 +90,11 @@ def _guards(app: FastAPI, error_model) -> dict:
     return {"dependencies": dependencies, "responses": responses}
 
 
-async def _health(request: Request) -> Health:
-    """200 once the model is loaded, with how many requests are generating or waiting."""
-    return Health(model=request.app.state.model_name, active_requests=request.app.state.engine.active)
+async def _health(request: Request):
+    """200 while the engine can generate, with how many requests are generating or waiting; 503 with the reason
+    while its worker is gone or its recent steps all failed."""
+    engine = request.app.state.engine
+    problem = engine.problem
+    health = Health(status="unavailable" if problem else "ok", model=request.app.state.model_name,
+                    active_requests=engine.active, reason=problem)
+    return JSONResponse(health.model_dump(exclude_none=True), 503) if problem else health

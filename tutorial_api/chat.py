@@ -5,13 +5,12 @@ from dataclasses import dataclass
 import torch
 
 from tutorial_api.models import context_length
+from tutorial_api.sampler import GREEDY_BELOW, Sampling, settle
 
 # The original tutorial's defaults for POST /.
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_TOP_P = 0.7
 DEFAULT_TEMPERATURE = 0.95
-# Below this temperature sampling picks the likeliest token anyway, and dividing the logits by it can overflow.
-GREEDY_BELOW = 1e-5
 
 
 class ChatInputError(ValueError):
@@ -28,7 +27,7 @@ class PreparedChat:
 
     input_ids: torch.Tensor
     max_new_tokens: int
-    sampling: dict
+    sampling: Sampling
 
 
 def build_messages(prompt, history=None, system=None) -> list[dict]:
@@ -39,16 +38,21 @@ def build_messages(prompt, history=None, system=None) -> list[dict]:
     return messages + [{"role": "user", "content": prompt}]
 
 
-def sampling_options(temperature=None, top_p=None) -> dict:
-    """generate() arguments: temperature 0 (or below GREEDY_BELOW) means greedy decoding, never a silent default."""
+def tutorial_sampling(temperature=None, top_p=None) -> dict:
+    """the tutorial's temperature and top_p, its defaults where they are left out; 0 means greedy, never a default."""
     temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
-    if temperature < GREEDY_BELOW:
-        return {"do_sample": False}
-    return {"do_sample": True, "temperature": temperature, "top_p": DEFAULT_TOP_P if top_p is None else top_p}
+    return {"temperature": temperature, "top_p": DEFAULT_TOP_P if top_p is None else top_p}
 
 
-def prepare(model, tokenizer, messages, *, max_length=None, max_new_tokens=None, top_p=None, temperature=None):
-    """tokenize with the chat template and work out the answer's budget; `max_length` counts the prompt too."""
+def sampling_options(temperature=None, top_p=None) -> dict:
+    """the tutorial's sampling as generate() arguments, for a legacy model's own chat()."""
+    options = tutorial_sampling(temperature, top_p)
+    return {"do_sample": False} if options["temperature"] < GREEDY_BELOW else {"do_sample": True, **options}
+
+
+def prepare(model, tokenizer, messages, *, max_length=None, max_new_tokens=None, **sampling):
+    """tokenize with the chat template and work out the answer's budget; `max_length` counts the prompt too.
+    `sampling` (temperature, top_p, penalties, seed, top_logprobs) goes on top of the model's generation config."""
     input_ids = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
     )["input_ids"]
@@ -72,7 +76,7 @@ def prepare(model, tokenizer, messages, *, max_length=None, max_new_tokens=None,
     budget = total - prompt_tokens
     if max_new_tokens is not None:
         budget = min(budget, max_new_tokens)
-    return PreparedChat(input_ids, budget, sampling_options(temperature, top_p))
+    return PreparedChat(input_ids, budget, settle(model.generation_config, **sampling))
 
 
 def chat(model, tokenizer, prompt, history=None, *, max_length=None, max_new_tokens=None, top_p=None,
@@ -83,7 +87,7 @@ def chat(model, tokenizer, prompt, history=None, *, max_length=None, max_new_tok
         return _legacy_chat(model, tokenizer, prompt, history, max_length, max_new_tokens, top_p, temperature, system)
     prepared = prepare(
         model, tokenizer, build_messages(prompt, history, system),
-        max_length=max_length, max_new_tokens=max_new_tokens, top_p=top_p, temperature=temperature,
+        max_length=max_length, max_new_tokens=max_new_tokens, **tutorial_sampling(temperature, top_p),
     )
     input_ids = prepared.input_ids.to(model.device)
     with torch.inference_mode():
@@ -92,7 +96,7 @@ def chat(model, tokenizer, prompt, history=None, *, max_length=None, max_new_tok
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=prepared.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            **prepared.sampling,
+            **prepared.sampling.generate_options(),
         )
     # A budget that runs out mid-character leaves a partial UTF-8 sequence, decoded as U+FFFD: drop it.
     response = tokenizer.decode(output[0, input_ids.shape[-1]:], skip_special_tokens=True).rstrip("\ufffd").strip()

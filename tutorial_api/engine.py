@@ -7,7 +7,6 @@ finish or are cancelled. Each keeps its own sampling settings, seed, stop string
 import asyncio
 import logging
 import threading
-import time
 from collections import deque
 
 import torch
@@ -15,108 +14,37 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from tutorial_api.chat import chat
-from tutorial_api.text_stream import TextStream
+from tutorial_api.generation import Generation
+from tutorial_api.sampler import sample, token_logprobs
 
 logger = logging.getLogger(__name__)
 
-_DONE = object()
+# After this many steps in a row fail, /health reports the engine unavailable until a step succeeds again.
+_UNHEALTHY_AFTER_FAILED_STEPS = 3
 
 
-class EngineBusy(RuntimeError):
+class EngineError(RuntimeError):
+    """a generation the engine cannot serve or finish: `status` is the HTTP status that fits, the message is safe
+    to show a client (the cause is in the server's log); `retry_after` seconds, when trying again soon helps."""
+
+    status = 500
+    code = "server_error"
+    retry_after: int | None = None
+
+
+class EngineBusy(EngineError):
     """the waiting queue is full: the client should retry shortly."""
 
+    status = 503
+    code = "server_busy"
+    retry_after = 1
 
-class Generation:
-    """one request inside the engine: its settings, the text it streams, and how it ended."""
 
-    def __init__(self, prepared, tokenizer, eos_ids, *, seed=None, stop=()):
-        self.prompt = prepared.input_ids[0].tolist()
-        self.max_new_tokens = prepared.max_new_tokens
-        self.sampling = prepared.sampling
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
-        self.started = time.perf_counter()
-        self._eos_ids = eos_ids
-        self._random = torch.Generator().manual_seed(seed) if seed is not None else None
-        self._text = TextStream(tokenizer, stop)
-        self._cancelled = False
-        self._loop = asyncio.get_running_loop()
-        self._pieces: asyncio.Queue = asyncio.Queue()
+class EngineStopped(EngineError):
+    """the engine is shutting down, or its worker thread has stopped."""
 
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt)
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def cancel(self) -> None:
-        """leave the batch at the next decoding step."""
-        self._cancelled = True
-
-    async def stream(self):
-        """the answer as text pieces, as they are decoded; leaving early cancels the generation."""
-        try:
-            while (piece := await self._pieces.get()) is not _DONE:
-                if isinstance(piece, BaseException):
-                    raise piece
-                yield piece
-        finally:
-            if self.finish_reason is None:
-                self.cancel()
-
-    async def text(self) -> str:
-        return "".join([piece async for piece in self.stream()])
-
-    # The methods below run on the engine's worker thread.
-
-    def choose(self, logits: torch.Tensor) -> int:
-        """the next token from this row's logits, by its own temperature, top_p and seed."""
-        if not self.sampling["do_sample"]:
-            return int(logits.argmax())
-        probabilities = torch.softmax(logits.float() / self.sampling["temperature"], dim=-1)
-        top_p = self.sampling["top_p"]
-        if top_p < 1:
-            sorted_probabilities, order = probabilities.sort(descending=True)
-            outside = sorted_probabilities.cumsum(-1) - sorted_probabilities > top_p
-            probabilities = probabilities.scatter(0, order, sorted_probabilities.masked_fill(outside, 0))
-        return int(torch.multinomial(probabilities, 1, generator=self._random))
-
-    def accept(self, token: int) -> bool:
-        """record a token and stream its text; True once the generation has finished."""
-        if token in self._eos_ids:
-            return self.finish("stop")
-        self.tokens.append(token)
-        piece, hit_stop = self._text.add(token)
-        self._send(piece)
-        if hit_stop:
-            return self.finish("stop")
-        if len(self.tokens) >= self.max_new_tokens:
-            return self.finish("length")
-        return False
-
-    def finish(self, reason: str) -> bool:
-        self._send(self._text.flush())
-        self.finish_reason = reason
-        self._send(_DONE)
-        return True
-
-    def fail(self, error: BaseException) -> None:
-        self.finish_reason = "error"
-        self._send(error)
-
-    def _send(self, item) -> None:
-        if item == "":
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._pieces.put_nowait, item)
-        except RuntimeError:
-            pass  # the event loop is gone: nobody is listening any more
+    status = 503
+    code = "server_unavailable"
 
 
 class Engine:
@@ -129,10 +57,13 @@ class Engine:
         self.max_waiting = max_waiting
         self.steps = 0
         self.largest_batch = 0
+        self.failed_steps = 0  # in a row, since the last step that worked
         self._eos_ids = _eos_ids(model, tokenizer)
+        self._live: set[Generation] = set()  # every request not yet done, whatever its state
         self._waiting: deque[Generation] = deque()
-        self._wakeup = threading.Condition()
+        self._wakeup = threading.Condition()  # reentrant: a generation ending under it calls `forget`
         self._closing = False
+        self._stopped = False
         self._batch = _Batch(model)
         self._legacy_turn = asyncio.Lock()
         self._worker = threading.Thread(target=self._run, name="tutorial-api-engine", daemon=True)
@@ -150,38 +81,85 @@ class Engine:
 
     @property
     def active(self) -> int:
-        """how many requests are decoding or waiting; a finished one no longer counts, even before it leaves the batch."""
-        return sum(1 for generation in self._batch.rows if generation.finish_reason is None) + len(self._waiting)
+        """how many requests are waiting, prefilling or decoding; a finished one no longer counts."""
+        return len(self._live)
 
-    def submit(self, prepared, *, seed=None, stop=()) -> Generation:
-        """queue a prepared chat; raises EngineBusy when the queue is full. Call from the event loop."""
-        generation = Generation(prepared, self.tokenizer, self._eos_ids, seed=seed, stop=stop)
+    @property
+    def problem(self) -> str | None:
+        """why the engine cannot generate now, or None while it can."""
+        if self._closing:
+            return "The server is shutting down."
+        if self._stopped or not self._worker.is_alive():
+            return "The generation worker has stopped after an internal error; restart the server."
+        if self.failed_steps >= _UNHEALTHY_AFTER_FAILED_STEPS:
+            return f"The last {self.failed_steps} generation steps failed; see the server's log."
+        return None
+
+    def submit(self, prepared, *, stop=(), label="") -> Generation:
+        """queue a prepared chat; raises EngineBusy when the queue is full, EngineStopped once the worker is gone.
+        Call from the event loop. `label` names the request in the server's log."""
+        generation = Generation(prepared, self.tokenizer, self._eos_ids, self, stop=stop, label=label)
         with self._wakeup:
+            if self._closing or self._stopped:
+                raise EngineStopped(self.problem)
             if len(self._waiting) >= self.max_waiting:
-                raise EngineBusy(f"{len(self._waiting)} requests are already waiting")
+                raise EngineBusy(f"The server is busy ({len(self._waiting)} requests are waiting); try again in a "
+                                 "moment.")
             self._waiting.append(generation)
+            self._live.add(generation)
             self._wakeup.notify()
         return generation
 
+    def withdraw(self, generation: Generation) -> None:
+        """a cancelled request leaves the queue at once, giving its place to the next; a decoding one leaves the
+        batch at the next step."""
+        with self._wakeup:
+            if generation.state == "waiting" and generation in self._waiting:
+                self._waiting.remove(generation)
+                generation.finish("cancelled")
+
+    def forget(self, generation: Generation) -> None:
+        with self._wakeup:
+            self._live.discard(generation)
+
     def close(self) -> None:
+        """stop the worker; every request still in the engine ends with EngineStopped."""
         with self._wakeup:
             self._closing = True
             self._wakeup.notify()
         self._worker.join()
-        shutting_down = RuntimeError("the server is shutting down")
-        for generation in [*self._batch.rows, *self._waiting]:
-            generation.fail(shutting_down)
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while self._wait_for_work():
-                try:
-                    self._step()
-                except Exception as error:  # noqa: BLE001 - a failed step must not kill the worker
-                    logger.exception("Generation failed; failing the requests in this batch")
-                    for generation in self._batch.rows:
-                        generation.fail(error)
-                    self._batch = _Batch(self.model)
+        try:
+            with torch.inference_mode():
+                while self._wait_for_work():
+                    try:
+                        self._step()
+                        self.failed_steps = 0
+                    except Exception as error:  # noqa: BLE001 - a failed step must not kill the worker
+                        self.failed_steps += 1
+                        self._fail_step(error)
+        except BaseException:  # noqa: BLE001 - whatever ends the worker is logged; `finally` ends its requests
+            logger.critical("The generation worker stopped", exc_info=True)
+        finally:
+            with self._wakeup:
+                self._stopped = True
+                self._waiting.clear()
+                ended = EngineStopped(self.problem)
+                for generation in list(self._live):
+                    generation.finish("error", ended)
+
+    def _fail_step(self, error: Exception) -> None:
+        """fail the requests the step touched: the newcomers only if their prefill failed, else the whole batch."""
+        states = ("prefilling",) if isinstance(error, _PrefillFailed) else ("prefilling", "running")
+        with self._wakeup:
+            failed = [g for g in self._live if g.state in states]
+        logger.error("A generation step failed; failing requests %s", " ".join(g.label or "-" for g in failed),
+                     exc_info=error.__cause__ or error)
+        for generation in failed:
+            generation.finish("error", EngineError("The generation failed on the server; its log has the details."))
+        if not isinstance(error, _PrefillFailed):
+            self._batch = _Batch(self.model)
 
     def _wait_for_work(self) -> bool:
         """block until a request waits or decodes; False once the engine is closing."""
@@ -194,7 +172,8 @@ class Engine:
         with self._wakeup:
             room = self.max_batch_size - len(self._batch.rows)
             newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-        newcomers = [g for g in newcomers if not (g.cancelled and g.finish("cancelled"))]
+            for generation in newcomers:
+                generation.state = "prefilling"
         if newcomers:
             self._batch.admit(newcomers)
         elif self._batch.rows:
@@ -206,6 +185,10 @@ class Engine:
             torch.cuda.empty_cache()
 
 
+class _PrefillFailed(RuntimeError):
+    """the newcomers' prefill failed; the running batch is untouched."""
+
+
 class _Batch:
     """the rows decoding together: their key/value cache, attention mask and next input tokens."""
 
@@ -215,7 +198,6 @@ class _Batch:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None
         self.next_tokens: list[int] = []
-        self.finished: set[int] = set()
 
     def admit(self, newcomers: list[Generation]) -> None:
         """prefill the newcomers together (left-padded), then merge them into the running batch."""
@@ -227,16 +209,15 @@ class _Batch:
         try:
             logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                                 cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        except Exception as error:  # noqa: BLE001 - only the newcomers fail; the running batch is untouched
-            logger.exception("Prefill failed for %d new requests", len(newcomers))
-            for generation in newcomers:
-                generation.fail(error)
-            return
+        except Exception as error:
+            raise _PrefillFailed from error
         if self.rows:
             self.decode()
             cache, mask = _merge(self.cache, self.mask, cache, mask)
         self.cache, self.mask = cache, mask
         first_new_row = len(self.rows)
+        for generation in newcomers:
+            generation.state = "running"
         self.rows += newcomers
         self.next_tokens += [0] * len(newcomers)
         self._take(logits, first_new_row)
@@ -258,24 +239,23 @@ class _Batch:
 
     def _take(self, logits: torch.Tensor, first_row: int) -> None:
         """choose each row's next token from its logits, starting at batch row `first_row`."""
-        for row, row_logits in enumerate(logits, start=first_row):
-            token = self.rows[row].choose(row_logits)
-            self.next_tokens[row] = token
-            if self.rows[row].accept(token):
-                self.finished.add(row)
+        rows = self.rows[first_row:]
+        tokens = sample(logits, rows)
+        logprobs = token_logprobs(logits, tokens, rows)
+        for row, (generation, token) in enumerate(zip(rows, tokens)):
+            self.next_tokens[first_row + row] = token
+            generation.accept(token, logprobs.get(row))
 
     def drop_finished(self) -> None:
         """remove finished and cancelled rows, and the cache columns no remaining row attends to."""
-        for row, generation in enumerate(self.rows):
-            if generation.cancelled and row not in self.finished:
+        for generation in self.rows:
+            if generation.cancelled:
                 generation.finish("cancelled")
-                self.finished.add(row)
-        if not self.finished:
+        keep = [row for row, generation in enumerate(self.rows) if generation.state != "done"]
+        if len(keep) == len(self.rows):
             return
-        keep = [row for row in range(len(self.rows)) if row not in self.finished]
         self.rows = [self.rows[row] for row in keep]
         self.next_tokens = [self.next_tokens[row] for row in keep]
-        self.finished = set()
         if not keep:
             self.cache = self.mask = None
             return

@@ -1,12 +1,20 @@
 """refusals and request errors, answered in each API's own error shape: the tutorial's on `POST /`, OpenAI's on
-`/v1`."""
+`/v1`; an unexpected error too, with its details only in the server's log."""
+
+import logging
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from tutorial_api.chat import ChatInputError
 from tutorial_api.openai_schemas import openai_error
 from tutorial_api.schemas import tutorial_error
+
+logger = logging.getLogger(__name__)
+
+# Our names for request fields, as OpenAI's clients know them.
+_OPENAI_PARAM = {"prompt": "messages", "history": "messages", "max_length": "max_tokens"}
 
 
 class Refusal(HTTPException):
@@ -35,6 +43,13 @@ async def http_error(request: Request, error: HTTPException):
     return tutorial_error(error.status_code, field, str(error.detail), headers=error.headers)
 
 
+async def unservable_chat(request: Request, error: ChatInputError):
+    """a conversation the model cannot serve as asked: 422 on `POST /`, 400 on `/v1`, naming the field to change."""
+    if _is_openai(request):
+        return await http_error(request, Refusal(400, str(error), field=_OPENAI_PARAM.get(error.field, error.field)))
+    return await http_error(request, Refusal(422, str(error), field=error.field))
+
+
 async def invalid_request(request: Request, error: RequestValidationError):
     """pydantic's errors in each API's own shape, naming the first offending field."""
     problems = [_describe(problem) for problem in error.errors()]
@@ -52,3 +67,32 @@ def _describe(problem: dict) -> tuple[str, str]:
         return "body", "The body must be a JSON object, sent with Content-Type: application/json."
     field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
     return field, f"{field}: {problem['msg']}"
+
+
+class CatchAll:
+    """ASGI middleware: an error no handler expected becomes a 500 in its API's shape, logged under the request's
+    id; a response already under way is cut off instead."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            logger.exception("Request %s failed", scope.get("state", {}).get("request_id", "-"))
+            if started:
+                raise
+            request = Request(scope, receive)
+            answer = await http_error(request, Refusal(500, "The server failed to answer; its log has the details "
+                                                            "under this request's X-Request-ID.", code="server_error"))
+            await answer(scope, receive, send)

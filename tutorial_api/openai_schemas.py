@@ -20,12 +20,13 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     model_config = STRICT
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
-    @property
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+    def for_template(self) -> dict:
+        """the message as the chat template takes it: OpenAI's `developer` role is the system message."""
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class StreamOptions(BaseModel):
@@ -34,18 +35,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """OpenAI's chat completion request. `model` may name the served model or anything else: there is one model."""
+# OpenAI's request fields this server does not implement: refused by name rather than silently ignored.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+               "logit_bias", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort")
 
-    model_config = ConfigDict(strict=True, json_schema_extra={"examples": [
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completion request. `model` may name the served model or anything else: there is one model.
+    Fields in UNSUPPORTED are refused; other unknown fields are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="allow", json_schema_extra={"examples": [
         {"model": "smollm2-135m", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 64}]})
 
     model: str | None = Field(default=None, description="ignored: the server has one model")
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, description="new tokens at most")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="new tokens at most (newer name)")
-    temperature: float | None = Field(default=1.0, ge=0, le=2, description="0 for greedy decoding")
-    top_p: float | None = Field(default=1.0, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0, le=2,
+                                      description="0 for greedy decoding (default: the model's, else 1)")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="default: the model's, else 1")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="lowers tokens already used")
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2,
+                                            description="lowers tokens by how often they were used")
+    logprobs: bool = Field(default=False, description="the log-probability of each answer token")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20,
+                                     description="with logprobs: this many likeliest tokens at each position")
     stop: str | list[str] | None = Field(default=None, description="up to 4 strings that end the answer")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="makes sampling repeatable")
     n: int = Field(default=1, ge=1, le=1, description="only 1 answer per request is supported")
@@ -67,6 +81,17 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("the last message must come from the user")
         return messages
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top_logprobs, info):
+        if top_logprobs is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return top_logprobs
+
+    def unsupported(self) -> list[str]:
+        """the fields this request sets that the server does not implement."""
+        return [name for name in UNSUPPORTED if (self.model_extra or {}).get(name) is not None]
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -79,10 +104,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):

@@ -27,6 +27,7 @@ class RequestLog:
             return await self.app(scope, receive, send)
         request_id = uuid.uuid4().hex[:16]
         state = scope.setdefault("state", {})
+        state["request_id"] = request_id  # for the engine's and the error handler's log lines
         started = time.perf_counter()
         status = 500  # unless the app answers: an unhandled error becomes a 500 outside this middleware
         logged = False

@@ -1,7 +1,7 @@
 """request and response bodies of the tutorial's `POST /`, and its error shape."""
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -58,9 +58,10 @@ class ChatError(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = "ok"
+    status: Literal["ok", "unavailable"] = "ok"
     model: str
     active_requests: int = Field(description="requests generating or waiting")
+    reason: str | None = Field(default=None, description="why the server cannot generate now (with 503 only)")
 
 
 def now() -> str:

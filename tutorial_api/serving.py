@@ -6,7 +6,7 @@ import time
 from fastapi import Request
 
 from tutorial_api.chat import prepare
-from tutorial_api.engine import EngineBusy
+from tutorial_api.engine import EngineError
 from tutorial_api.errors import Refusal
 from tutorial_api.limits import check_tokens, check_turns
 
@@ -14,8 +14,9 @@ from tutorial_api.limits import check_tokens, check_turns
 _DISCONNECT_POLL_SECONDS = 0.25
 
 
-def start_generation(request: Request, messages, *, budget_field=None, seed=None, stop=(), **budget_and_sampling):
-    """tokenize and queue a chat; raises ChatInputError before any compute, a 503 Refusal when the queue is full.
+def start_generation(request: Request, messages, *, budget_field=None, stop=(), **budget_and_sampling):
+    """tokenize and queue a chat; raises ChatInputError before any compute, a 503 Refusal when the queue is full
+    or the engine has stopped.
 
     `budget_field` names the request field that set the answer's budget, when the client set one.
     """
@@ -24,9 +25,9 @@ def start_generation(request: Request, messages, *, budget_field=None, seed=None
     prepared = prepare(engine.model, engine.tokenizer, messages, **budget_and_sampling)
     check_tokens(prepared, settings, budget_field)
     try:
-        generation = engine.submit(prepared, seed=seed, stop=stop)
-    except EngineBusy:
-        raise Refusal(503, "The server is busy; try again in a moment.", headers={"Retry-After": "1"}) from None
+        generation = engine.submit(prepared, stop=stop, label=request.state.request_id)
+    except EngineError as error:
+        raise _refusal(error) from None
     request.state.generation = generation  # for the request log
     return generation
 
@@ -46,14 +47,16 @@ async def answer_or_cancel(request: Request, generation) -> str | None:
                 generation.cancel()
                 return None
         return answer.result()
+    except EngineError as error:
+        raise _refusal(error) from None
     finally:
         answer.cancel()
 
 
-async def stream_or_timeout(request: Request, generation):
-    """the answer's text pieces as they are decoded; a 504 Refusal, with the generation cancelled, past the
-    request timeout."""
-    pieces = generation.stream()
+async def stream_or_timeout(request: Request, generation, ping_every: float | None = None):
+    """the answer's text pieces as they are decoded, None after each `ping_every` seconds without one; a 504
+    Refusal, with the generation cancelled, past the request timeout."""
+    pieces = generation.stream(ping_every)
     try:
         while True:
             try:
@@ -62,8 +65,16 @@ async def stream_or_timeout(request: Request, generation):
                 return
             except TimeoutError:
                 raise _timed_out(request, generation) from None
+            except EngineError as error:
+                raise _refusal(error) from None
     finally:
         await pieces.aclose()
+
+
+def _refusal(error: EngineError) -> Refusal:
+    """the engine's own error as the server's refusal, in each API's shape."""
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    return Refusal(error.status, str(error), code=error.code, headers=headers)
 
 
 def _seconds_left(request: Request, generation) -> float | None:

@@ -18,12 +18,11 @@ class TextStream:
         """the text that is now safe to send, and whether a stop string has appeared."""
         self._tokens.append(token)
         self._text += self._decode_new()
-        for stop in self.stop:
-            found = self._text.find(stop, max(0, self._sent - len(stop)))
-            if found != -1:
-                self._text = self._text[:found]
-                self.stopped = True
-                return self._take(len(self._text)), True
+        found = [at for stop in self.stop if (at := self._text.find(stop, max(0, self._sent - len(stop)))) != -1]
+        if found:  # the earliest stop string wins, whatever its place in the list
+            self._text = self._text[:min(found)]
+            self.stopped = True
+            return self._take(len(self._text)), True
         return self._take(len(self._text) - self._held_back()), False
 
     def flush(self) -> str:

@@ -2,29 +2,28 @@
 
 from fastapi import APIRouter, Request
 
-from tutorial_api.chat import ChatInputError, build_messages
-from tutorial_api.schemas import ChatError, ChatRequest, ChatResponse, now, tutorial_error
+from tutorial_api.chat import build_messages, tutorial_sampling
+from tutorial_api.errors import Refusal
+from tutorial_api.schemas import ChatError, ChatRequest, ChatResponse, now
 from tutorial_api.serving import answer_or_cancel, start_generation
 
 router = APIRouter()
 
 
 @router.post("/", response_model=ChatResponse, responses={
-    status: {"model": ChatError} for status in (413, 422, 503)})
+    status: {"model": ChatError} for status in (413, 422, 500, 503)})
 async def create_chat(body: ChatRequest, request: Request):
     """answer `prompt` after `history`, as the original tutorial's endpoint does."""
     options = {"max_length": body.max_length, "top_p": body.top_p, "temperature": body.temperature}
     engine = request.app.state.engine
-    try:
-        if engine.legacy:
-            response, history = await engine.legacy_chat(body.prompt, body.history, **options)
-            return ChatResponse(response=response, history=history, time=now())
-        generation = start_generation(request, build_messages(body.prompt, body.history),
-                                      budget_field=None if body.max_length is None else "max_length", **options)
-    except ChatInputError as error:
-        return tutorial_error(422, error.field, str(error))
+    if engine.legacy:
+        response, history = await engine.legacy_chat(body.prompt, body.history, **options)
+        return ChatResponse(response=response, history=history, time=now())
+    generation = start_generation(request, build_messages(body.prompt, body.history), max_length=body.max_length,
+                                  budget_field=None if body.max_length is None else "max_length",
+                                  **tutorial_sampling(body.temperature, body.top_p))
     response = await answer_or_cancel(request, generation)
     if response is None:
-        return tutorial_error(499, "", "The client disconnected.")
+        raise Refusal(499, "The client disconnected.")
     response = response.strip()
     return ChatResponse(response=response, history=[*(body.history or []), [body.prompt, response]], time=now())
