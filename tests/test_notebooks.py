@@ -1,5 +1,6 @@
-"""the notebooks, in English and in Chinese with the same code: each runs top to bottom twice in one kernel, offline;
-they are saved clean; both READMEs list them."""
+"""the notebooks, in English and in Chinese with the same code: each runs top to bottom twice in one kernel, offline,
+its exercises' checks reporting the placeholders unsolved (the solutions notebook: solved); two kernels run notebook 04
+side by side; they are saved clean; both READMEs list them."""
 
 import asyncio
 import json
