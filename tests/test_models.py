@@ -57,6 +57,19 @@ def test_local_folder_loads_the_same_model(tiny, tmp_path):
         assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
 
 
+def test_a_local_load_shows_no_progress_bar_and_leaves_them_enabled(tiny, tmp_path, capfd):
+    """the "Loading weights" bar would stay frozen at 0% in a saved notebook; downloads keep theirs."""
+    from transformers.utils import logging as transformers_logging
+
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    capfd.readouterr()
+    load_model(str(tmp_path))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()
+
+
 def test_unreachable_hub_id_gives_one_clear_error_naming_the_offline_default():
     with pytest.raises(ModelNotAvailable) as failure:
         load_model("Qwen/Qwen2.5-0.5B-Instruct")

@@ -72,6 +72,28 @@ def test_start_rerun_and_stop_in_a_kernel(kernel):
     assert kernel.run("import threading\nprint([t.name for t in threading.enumerate() if t.name.startswith('uvicorn')])") == "[]"
 
 
+def test_a_named_server_on_a_free_port_is_replaced_when_its_cell_runs_again(kernel):
+    """port 0 gives each run a new port; the name is what lets a re-run stop the server it replaces."""
+    start = "server = start_server(app, port=0, name='hello', log_level='warning')\nprint(server.port)"
+    first_port = int(kernel.run(start))
+    kernel.run("first = server")
+    second_port = int(kernel.run(start))
+    assert kernel.run("print(first.running, server.running)") == "False True"
+    assert port_is_free(first_port)
+    assert kernel.run("print(requests.get(server.url).json())") == "{'Hello': 'World'}"
+    kernel.run("server.stop()")
+    assert port_is_free(second_port)
+
+
+def test_listening_tells_a_busy_port_from_a_free_one(kernel):
+    with socket.socket() as other_program:
+        other_program.bind(("127.0.0.1", 0))
+        other_program.listen()
+        busy = other_program.getsockname()[1]
+        kernel.run("from tutorial_api.server import listening")
+        assert kernel.run(f"print(listening({busy}), listening({free_port()}))") == "True False"
+
+
 def test_a_port_held_by_another_process_fails_fast_and_clearly(kernel):
     with socket.socket() as other_program:
         other_program.bind(("127.0.0.1", 0))

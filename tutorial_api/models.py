@@ -2,11 +2,13 @@
 
 import importlib.util
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers.utils import logging as transformers_logging
 
 from tutorial_api import model_cache
 from tutorial_api.download import downloaded
@@ -59,14 +61,28 @@ def load_model(name=None, *, device=None, dtype=None, trust_remote_code=None):
     if path.suffix == ".gguf" and path.is_file():
         return _load_gguf(path, placement)
     if path.is_dir():
-        return _from_pretrained(str(path), placement, trust_remote_code)
+        with _without_progress_bars():
+            return _from_pretrained(str(path), placement, trust_remote_code)
     repository = hub_id(name)
     if needs_remote_code(repository) and not trust_remote_code:
         raise ModelNotAvailable(_remote_code_refusal(repository))
     folder = downloaded(repository)
     if folder:
-        return _from_pretrained(str(folder), placement, trust_remote_code, shown_as=repository)
-    return _from_hub(repository, placement, trust_remote_code)
+        with _without_progress_bars():
+            return _from_pretrained(str(folder), placement, trust_remote_code, shown_as=repository)
+    return _from_hub(repository, placement, trust_remote_code)  # a download's progress bar is worth seeing
+
+
+@contextmanager
+def _without_progress_bars():
+    """no "Loading weights" bar for a local load: it lasts a second, and a saved notebook shows it frozen at 0%."""
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def hub_id(name: str) -> str:
@@ -133,8 +149,9 @@ def _smollm2_gguf() -> Path:
 
 def _load_gguf(gguf: Path, placement: _Placement):
     """load a GGUF model through a converted copy in the cache: about 15 s the first time, a second or two after."""
-    tokenizer = AutoTokenizer.from_pretrained(model_cache.converted_tokenizer(gguf))
-    model = AutoModelForCausalLM.from_pretrained(model_cache.converted_model(gguf), **placement.pretrained_kwargs)
+    with _without_progress_bars():
+        tokenizer = AutoTokenizer.from_pretrained(model_cache.converted_tokenizer(gguf))
+        model = AutoModelForCausalLM.from_pretrained(model_cache.converted_model(gguf), **placement.pretrained_kwargs)
     return model.eval(), tokenizer
 
 

@@ -11,8 +11,8 @@ import uvicorn
 
 from tutorial_api.settings import DEFAULT_HOST, DEFAULT_PORT
 
-# Servers this process started, by port: running a cell again stops the old server first.
-_running: dict[int, "RunningServer"] = {}
+# Servers this process started, by name (or by port when unnamed): running a cell again stops the old server first.
+_running: dict[str | int, "RunningServer"] = {}
 
 
 class PortInUse(OSError):
@@ -27,23 +27,28 @@ class RunningServer:
     port: int
     _server: uvicorn.Server
     _thread: threading.Thread
+    _key: str | int
 
     def stop(self, timeout: float = 10) -> None:
         self._server.should_exit = True
         self._thread.join(timeout)
-        if _running.get(self.port) is self:
-            del _running[self.port]
+        if _running.get(self._key) is self:
+            del _running[self._key]
 
     @property
     def running(self) -> bool:
         return self._thread.is_alive() and self._server.started
 
 
-def start_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log_level: str = "info",
-                 startup_timeout: float = 300) -> RunningServer:
-    """serve `app` on a daemon thread and return once it accepts connections (port 0 picks a free one)."""
-    if port in _running:
-        _running.pop(port).stop()
+def start_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, name: str | None = None,
+                 log_level: str = "info", startup_timeout: float = 300) -> RunningServer:
+    """serve `app` on a daemon thread and return once it accepts connections (port 0 picks a free one).
+
+    Starting again with the same `name` (or, unnamed, the same port) stops the earlier server first.
+    """
+    key = name or port
+    if key in _running:
+        _running.pop(key).stop()
     listener = bind(host, port)
     port = listener.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
@@ -59,9 +64,19 @@ def start_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log
             raise RuntimeError(f"The server on port {port} did not start; the log above says why.")
         time.sleep(0.05)
     display_host = f"[{host}]" if ":" in host else host
-    handle = RunningServer(f"http://{display_host}:{port}", port, server, thread)
-    _running[port] = handle
+    handle = RunningServer(f"http://{display_host}:{port}", port, server, thread, key)
+    if key:  # port 0 without a name: nothing to recognise on a re-run
+        _running[key] = handle
     return handle
+
+
+def listening(port: int = DEFAULT_PORT, host: str = DEFAULT_HOST) -> bool:
+    """whether some program (this one or another) already accepts connections on the port."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def bind(host: str, port: int, *, another_port: str = "start_server(app, port={})") -> socket.socket:
