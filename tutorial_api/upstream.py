@@ -11,6 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
+import anyio
 import httpx
 
 from tutorial_api.chat import DEFAULT_MAX_LENGTH, ChatInputError, answer_budget
@@ -175,6 +176,9 @@ class UpstreamGeneration(StreamedAnswer):
         self.prompt_tokens = chat.prompt_tokens or 0
         self.completion_tokens = 0
         self._upstream = upstream
+        # An anyio scope, not Task.cancel: httpx finishes closing the connection under anyio's shield, so the
+        # upstream sees it close, and the pool gets its slot back.
+        self._reading = anyio.CancelScope()
         self._reader: asyncio.Task | None = None
 
     def read(self, response: httpx.Response) -> None:
@@ -184,30 +188,31 @@ class UpstreamGeneration(StreamedAnswer):
 
     def cancel(self) -> None:
         self._cancelled = True
-        if self._reader is not None:
-            self._reader.cancel()
+        self._reading.cancel()
 
     async def _read(self, response: httpx.Response) -> None:
         chunks = 0
         try:
-            async for line in response.aiter_lines():
-                if not line.startswith("data:") or (data := line[5:].strip()) == "[DONE]":
-                    continue
-                event = json.loads(data)
-                if "error" in event:
-                    raise _failure(None, event, status=502)
-                if usage := event.get("usage"):
-                    self.prompt_tokens, self.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
-                for choice in event.get("choices") or []:
-                    if text := (choice.get("delta") or {}).get("content"):
-                        chunks += 1
-                        self._send(text)
-                    self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            with self._reading:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:") or (data := line[5:].strip()) == "[DONE]":
+                        continue
+                    event = json.loads(data)
+                    if "error" in event:
+                        raise _failure(None, event, status=502)
+                    if usage := event.get("usage"):
+                        self.prompt_tokens, self.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+                    for choice in event.get("choices") or []:
+                        if text := (choice.get("delta") or {}).get("content"):
+                            chunks += 1
+                            self._send(text)
+                        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            if self._reading.cancelled_caught:
+                self._end("cancelled")
+                return
             # An upstream that sends no usage: most stream one token an event, so count those.
             self.completion_tokens = self.completion_tokens or chunks
             self._end("stop" if self.finish_reason not in ("stop", "length") else self.finish_reason)
-        except asyncio.CancelledError:
-            self._end("cancelled")
         except UpstreamError as error:
             self._end("error", error)
         except (httpx.HTTPError, ValueError, KeyError) as error:
