@@ -220,6 +220,9 @@ def test_keys_and_token_limits_hold_in_front_of_the_upstream(kits, upstream):
         "completion_tokens"] <= 8
     too_many = requests.post(f"{front.url}{CHAT}", json={"messages": HELLO, "max_tokens": 9}, headers=alice)
     assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "max_tokens"
+    short_prompts = kits(upstream=f"{upstream.url}/v1", max_prompt_tokens=5)
+    too_long = requests.post(f"{short_prompts.url}{CHAT}", json={"messages": HELLO})
+    assert too_long.status_code == 400 and "max_prompt_tokens" in too_long.json()["error"]["message"]
 
 
 def test_per_key_concurrency_holds_in_front_of_the_upstream(kits, upstream, decoding):

@@ -48,7 +48,8 @@ def create_app(model=None, settings: Settings | None = None, *, device=None, dty
     async def lifespan(app: FastAPI):
         if settings.upstream:
             app.state.engine = Upstream(settings.upstream, model=settings.upstream_model,
-                                        api_key=settings.upstream_api_key)
+                                        api_key=settings.upstream_api_key,
+                                        count_prompts=settings.max_prompt_tokens is not None)
             try:
                 app.state.model_name = await app.state.engine.open()
                 logger.info("Answering with %s through %s", app.state.model_name, settings.upstream)

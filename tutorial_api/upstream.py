@@ -55,9 +55,11 @@ class Upstream:
 
     legacy = False
 
-    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None):
+    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
+                 count_prompts: bool = False):
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self.count_prompts = count_prompts  # count every prompt (for max_prompt_tokens), not only for max_length
         self.context_length: int | None = None  # learned from the upstream's /tokenize, where it has one
         self._counts_tokens = True  # until the upstream shows it has no /tokenize
         self._live: set[UpstreamGeneration] = set()
@@ -119,11 +121,14 @@ class Upstream:
     async def prepare(self, messages, *, max_length=None, max_new_tokens=None, default_max_length=DEFAULT_MAX_LENGTH,
                       top_logprobs=None, **sampling) -> UpstreamChat:
         """the chat with its answer budget as `chat.prepare` works it out, where the upstream counts tokens; where
-        it cannot, the answer is held to `max_new_tokens`, else to `max_length` alone."""
+        it cannot, the answer is held to `max_new_tokens`, else to `max_length` alone. The prompt is counted only
+        where a budget or `count_prompts` needs it."""
         if top_logprobs is not None:
             raise ChatInputError("logprobs", "logprobs are not available on this server: it answers through an "
                                              "upstream server.")
-        counted = await self.count(messages)
+        # A budget of the whole context needs no count: the upstream keeps its own context, and saves a round trip.
+        whole_context = max_length is None and default_max_length is None
+        counted = None if whole_context and not self.count_prompts else await self.count(messages)
         if counted is None:
             budget = max_new_tokens if max_new_tokens is not None else max_length
             return UpstreamChat(messages, None, budget, _present(sampling))
