@@ -86,6 +86,8 @@ def test_no_model_is_loaded_and_the_upstreams_first_model_is_served(front, upstr
     assert requests.get(f"{front.url}/v1/models").json()["data"][0]["id"] == served
     health = requests.get(f"{front.url}/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    docs = requests.get(f"{front.url}/docs")
+    assert docs.status_code == 200 and "https://" not in docs.text  # offline docs, as without an upstream
 
 
 def test_the_tutorials_post_answers_through_the_upstream_with_the_same_token_counts(front, upstream, log_lines):
