@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 MAX_CONNECTIONS = 256
 # How long /health waits for the upstream's own health.
 _HEALTH_SECONDS = 5.0
-# Statuses of an upstream without vLLM's POST /tokenize.
-_NO_TOKENIZE = (404, 405, 501)
+# Statuses that say an upstream has no such route (POST /tokenize, GET /health are not in every server).
+_ABSENT = (404, 405, 501)
 
 
 class UpstreamError(EngineError):
@@ -60,7 +60,6 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.count_prompts = count_prompts  # count every prompt (for max_prompt_tokens), not only for max_length
-        self.context_length: int | None = None  # learned from the upstream's /tokenize, where it has one
         self._counts_tokens = True  # until the upstream shows it has no /tokenize
         self._live: set[UpstreamGeneration] = set()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -96,7 +95,7 @@ class Upstream:
                 return f"The upstream server at {self.base_url} cannot be reached ({type(error).__name__})."
             if answer.status_code == 200:
                 return None
-            if answer.status_code not in _NO_TOKENIZE:
+            if answer.status_code not in _ABSENT:
                 return f"The upstream server at {self.base_url} reports {answer.status_code} on {url}."
         return None
 
@@ -110,12 +109,11 @@ class Upstream:
         try:
             counted = (await self._call("POST", url, json=body)).json()
         except UpstreamError as error:
-            if error.status not in _NO_TOKENIZE:
+            if error.status not in _ABSENT:
                 raise
             logger.info("The upstream has no POST /tokenize: max_length and max_prompt_tokens are not checked here")
             self._counts_tokens = False
             return None
-        self.context_length = counted["max_model_len"]
         return counted["count"], counted["max_model_len"]
 
     async def prepare(self, messages, *, max_length=None, max_new_tokens=None, default_max_length=DEFAULT_MAX_LENGTH,
