@@ -20,6 +20,7 @@ from tutorial_api.settings import DEFAULT_MODEL, DEFAULT_PORT, Settings, Setting
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # with --upstream: one log line per request, the kit's
     try:
         args.run(args)
     except SettingsError as error:

@@ -179,6 +179,7 @@ class UpstreamGeneration(StreamedAnswer):
         self.prompt_tokens = chat.prompt_tokens or 0
         self.completion_tokens = 0
         self._upstream = upstream
+        self._text_events = 0
         # An anyio scope, not Task.cancel: httpx finishes closing the connection under anyio's shield, so the
         # upstream sees it close, and the pool gets its slot back.
         self._reading = anyio.CancelScope()
@@ -194,7 +195,6 @@ class UpstreamGeneration(StreamedAnswer):
         self._reading.cancel()
 
     async def _read(self, response: httpx.Response) -> None:
-        chunks = 0
         try:
             with self._reading:
                 async for line in response.aiter_lines():
@@ -207,14 +207,12 @@ class UpstreamGeneration(StreamedAnswer):
                         self.prompt_tokens, self.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
                     for choice in event.get("choices") or []:
                         if text := (choice.get("delta") or {}).get("content"):
-                            chunks += 1
+                            self._text_events += 1
                             self._send(text)
                         self.finish_reason = choice.get("finish_reason") or self.finish_reason
             if self._reading.cancelled_caught:
                 self._end("cancelled")
                 return
-            # An upstream that sends no usage: most stream one token an event, so count those.
-            self.completion_tokens = self.completion_tokens or chunks
             self._end("stop" if self.finish_reason not in ("stop", "length") else self.finish_reason)
         except UpstreamError as error:
             self._end("error", error)
@@ -226,6 +224,9 @@ class UpstreamGeneration(StreamedAnswer):
 
     def _end(self, reason: str, error: Exception | None = None) -> None:
         self.state, self.finish_reason = "done", reason
+        # Without the upstream's usage (no last chunk yet, or none sent), count the text events: most servers
+        # stream one token an event.
+        self.completion_tokens = self.completion_tokens or self._text_events
         self._upstream.forget(self)
         if error is None:
             self._end_stream()
