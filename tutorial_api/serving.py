@@ -4,6 +4,7 @@ server's limits, then wait for it."""
 import asyncio
 import time
 
+import anyio
 from fastapi import Request
 
 from tutorial_api.engine import EngineError
@@ -24,7 +25,8 @@ async def start_generation(request: Request, messages, *, budget_field=None, sto
     engine, settings = request.app.state.engine, request.app.state.settings
     check_turns(messages, settings)
     try:
-        async with asyncio.timeout(settings.request_timeout):
+        # anyio's timer, not asyncio's: an upstream request cut off while it waits lets httpx close it cleanly.
+        with anyio.fail_after(settings.request_timeout):
             prepared = await engine.prepare(messages, **budget_and_sampling)
             check_tokens(prepared, settings, budget_field)
             generation = await engine.start(prepared, stop=stop, label=request.state.request_id)
