@@ -172,6 +172,8 @@ def test_an_upstream_that_stops_gives_502_in_each_apis_shape_and_health_503(kits
     health = requests.get(f"{front.url}/health")
     assert health.status_code == 503 and health.json()["status"] == "unavailable"
     assert upstream.url.removeprefix("http://") in health.json()["reason"]
+    front.server.stop()
+    assert front.engine.client.is_closed  # the one pooled client lives as long as the server
 
 
 def test_an_overloaded_upstream_gives_503_with_its_retry_after(kits, slow_tiny, decoding):
