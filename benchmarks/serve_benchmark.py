@@ -1,10 +1,14 @@
-"""Measure the chat API against raw `model.generate`, and against `transformers serve` where it runs.
+"""Measure the chat API against raw `model.generate`, and against `transformers serve` where it runs; or, with a
+vLLM server, the kit in front of it (`serve --upstream`) against vLLM direct.
 
     python benchmarks/serve_benchmark.py                      # SmolLM2, 64 new tokens, greedy
     python benchmarks/serve_benchmark.py --model tiny-qwen2   # a quick dry run
+    python benchmarks/serve_benchmark.py --vllm-python VENV/bin/python   # starts vLLM's CPU build on the model
+    python benchmarks/serve_benchmark.py --vllm-url http://127.0.0.1:8000  # a vLLM already running
 
-Prints a table and writes benchmarks/results/serve_benchmark.png and .json. Each raw measurement runs in a
-fresh process, so its peak memory is its own. Loopback only; every loop is bounded.
+Prints a table and writes benchmarks/results/serve_benchmark.png and .json (serve_benchmark_upstream.json with
+vLLM). Each raw measurement runs in a fresh process, so its peak memory is its own. Loopback only; every loop is
+bounded.
 """
 
 import argparse
@@ -34,11 +38,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--vllm-url", help="a running vLLM server's root URL: measure the kit in front of it")
+    parser.add_argument("--vllm-python", type=Path,
+                        help="the Python of a venv with vLLM: start its OpenAI server on the model, then measure")
     parser.add_argument("--raw-batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_batch:
         print(json.dumps(raw_generate(args.model, args.raw_batch, args.new_tokens)))
         return
+    if args.vllm_url or args.vllm_python:
+        measure_upstream(args)
+        return
+    print("the kit in front of vLLM: no --vllm-url or --vllm-python, skipped")
 
     results = {"model": args.model, "new_tokens": args.new_tokens, "raw": {}, "server": {}, "transformers_serve": {}}
     for batch in sorted({1, *args.concurrency}):
@@ -198,6 +209,79 @@ def measure_transformers_serve(args) -> dict:
         return {}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def measure_upstream(args) -> None:
+    """the kit in upstream mode against vLLM direct: tokens/s at each concurrency, first-token time, and how soon
+    vLLM stops a request whose client hung up (its own `vllm:num_requests_running`)."""
+    with vllm_server(args) as vllm_url, \
+            served([sys.executable, "-m", "tutorial_api", "serve", "--upstream", f"{vllm_url}/v1"]) as (kit_url, _):
+        model = requests.get(f"{vllm_url}/v1/models", timeout=10).json()["data"][0]["id"]
+        load(kit_url, model, 1, 1, args.new_tokens)  # warm-up: both paths, the kit's pooled connections
+        results = {"model": model, "new_tokens": args.new_tokens, "direct": {}, "kit": {}}
+        for concurrency in args.concurrency:
+            for name, url in (("direct", vllm_url), ("kit", kit_url)):
+                results[name][concurrency] = load(url, model, concurrency, args.rounds, args.new_tokens)
+        results["hang_up"] = hang_up_check(kit_url, vllm_url, model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve_benchmark_upstream.json").write_text(json.dumps(results, indent=1))
+    print(f"\nthe kit in front of vLLM ({model}), {args.new_tokens} new tokens, greedy, on {os.cpu_count()} CPU cores")
+    print(f"{'C':>3} {'vLLM tok/s':>11} {'kit tok/s':>10} {'ratio':>6} {'TTFT vLLM ms':>13} {'kit adds ms':>12}")
+    for c in args.concurrency:
+        direct, kit = results["direct"][c], results["kit"][c]
+        print(f"{c:>3} {direct['tokens_per_s']:>11.1f} {kit['tokens_per_s']:>10.1f} "
+              f"{kit['tokens_per_s'] / direct['tokens_per_s']:>6.2f} {direct['first_token_p50_s'] * 1000:>13.1f} "
+              f"{(kit['first_token_p50_s'] - direct['first_token_p50_s']) * 1000:>12.1f}")
+    hang_up = results["hang_up"]
+    print(f"hang-up: vLLM ran {hang_up['running_while_streaming']:g} request(s) while the client streamed; "
+          f"back to {hang_up['running_after']:g} running {hang_up['seconds_to_zero']:.3f} s after it hung up")
+
+
+class vllm_server:
+    """the vLLM server of --vllm-url, or one started with --vllm-python on the model saved to a folder."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def __enter__(self) -> str:
+        if self.args.vllm_url:
+            return self.args.vllm_url.rstrip("/")
+        self.folder = Path(tempfile.mkdtemp(prefix="benchmark-model-"))
+        model_folder(self.args.model, self.folder)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        self.server = served([str(self.args.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model",
+                              str(self.folder), "--dtype", "bfloat16", "--max-model-len", "2048", "--host",
+                              "127.0.0.1"])
+        return self.server.__enter__()[0]
+
+    def __exit__(self, *_):
+        if not self.args.vllm_url:
+            self.server.__exit__()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def hang_up_check(kit_url: str, vllm_url: str, model: str) -> dict:
+    """stream a long answer through the kit, hang up after its first token, and time vLLM's running count back
+    to 0."""
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 1500,
+            "stream": True}
+    with requests.post(f"{kit_url}/v1/chat/completions", json=body, stream=True, timeout=600) as answer:
+        lines = answer.iter_lines(decode_unicode=True)
+        while '"content": ""' in (line := next(lines)) or not line.startswith("data: "):
+            pass
+        running = vllm_running(vllm_url)
+    hung_up = time.perf_counter()
+    while (after := vllm_running(vllm_url)) > 0 and time.perf_counter() - hung_up < 10:
+        time.sleep(0.01)
+    return {"running_while_streaming": running, "running_after": after,
+            "seconds_to_zero": time.perf_counter() - hung_up}
+
+
+def vllm_running(vllm_url: str) -> float:
+    """vLLM's `vllm:num_requests_running`, summed over its labels, from its Prometheus /metrics."""
+    text = requests.get(f"{vllm_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running"))
 
 
 def model_folder(model_name: str, folder: Path) -> None:

@@ -93,6 +93,18 @@ def test_flags_set_the_settings_and_replace_the_environment(served, monkeypatch)
     assert served[1][0].state.settings.max_new_tokens == 99
 
 
+def test_serve_upstream_puts_the_kit_in_front_of_another_server(served, capsys, caplog):
+    main(["serve", "--upstream", "http://gpu-server:8000/v1", "--upstream-model", "Qwen/Qwen2.5-7B-Instruct",
+          "--upstream-api-key", "gpu-s3cret", "--port", "0"])
+    [(app, _, _)] = served
+    settings = app.state.settings
+    assert (settings.upstream, settings.upstream_model) == ("http://gpu-server:8000/v1", "Qwen/Qwen2.5-7B-Instruct")
+    assert settings.upstream_api_key == "gpu-s3cret"
+    output = capsys.readouterr().out
+    assert "Answering through http://gpu-server:8000/v1" in output and "Loading" not in output
+    assert "gpu-s3cret" not in output + caplog.text
+
+
 def test_sharing_without_keys_is_loudly_warned(served, caplog):
     main(["serve", "--model", "tiny-qwen2", "--host", "0.0.0.0", "--port", "0"])
     assert "WITHOUT ANY API KEY" in caplog.text and "--api-key" in caplog.text
@@ -112,9 +124,11 @@ def test_an_unreadable_key_file_stops_the_start_clearly(served, tmp_path):
 
 def test_help_shows_how_many_keys_never_a_key(monkeypatch):
     monkeypatch.setenv("TUTORIAL_API_KEYS", "alice:very-secret")
+    monkeypatch.setenv("TUTORIAL_API_UPSTREAM_API_KEY", "gpu-secret")
     result = subprocess.run([sys.executable, "-m", "tutorial_api", "serve", "--help"],
                             capture_output=True, text=True, timeout=60)
     assert "very-secret" not in result.stdout and "now: 1 keys" in result.stdout
+    assert "gpu-secret" not in result.stdout and "now: set" in result.stdout
 
 
 def test_help_works_whatever_the_environment_says():

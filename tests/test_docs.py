@@ -30,4 +30,5 @@ def test_the_assets_are_the_real_scripts(client):
 
 
 def test_the_docs_pages_stay_out_of_the_schema(client):
-    assert set(client.get("/openapi.json").json()["paths"]) == {"/", "/v1/models", "/v1/chat/completions", "/health"}
+    assert set(client.get("/openapi.json").json()["paths"]) == {"/", "/v1/models", "/v1/chat/completions", "/tokenize",
+                                                                "/health"}

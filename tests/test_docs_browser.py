@@ -70,7 +70,7 @@ def test_swagger_ui_renders_authorizes_and_tries_the_tutorial_endpoint(server, b
     wait_for(browser, shown.presence_of_element_located((By.CSS_SELECTOR, ".opblock")))
     summaries = browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")
     paths = {summary.get_attribute("data-path") for summary in summaries}
-    assert paths == {"/", "/v1/models", "/v1/chat/completions", "/health"}
+    assert paths == {"/", "/v1/models", "/v1/chat/completions", "/tokenize", "/health"}
 
     browser.find_element(By.CSS_SELECTOR, ".auth-wrapper .authorize").click()
     wait_for(browser, shown.visibility_of_element_located((By.CSS_SELECTOR, ".auth-container input"))).send_keys(KEY)

@@ -52,6 +52,7 @@ def test_a_client_reaches_a_wildcard_host_on_loopback(monkeypatch):
     ("max_history_turns", -1), ("max_concurrent_per_key", 0), ("max_body_bytes", 0), ("port", 70000), ("port", -1),
     ("port", "6006"), ("max_batch_size", True), ("max_batch_size", 2.5), ("request_timeout", 0),
     ("request_timeout", float("nan")), ("host", None), ("api_key_file", 3),
+    ("upstream", "http://gpu-server:8000"), ("upstream", "ftp://gpu-server/v1"), ("upstream", "gpu-server:8000/v1"),
 ])
 def test_a_bad_value_is_refused_when_built_naming_the_flag_and_the_variable(name, value):
     about = next(setting.metadata for setting in fields(Settings) if setting.name == name)
@@ -95,3 +96,10 @@ def test_api_keys_never_appear_in_a_repr_a_log_or_an_error(caplog):
     with pytest.raises(SettingsError) as refused:
         Settings(api_keys=("alice:s3cret", 42))
     assert "s3cret" not in str(refused.value) and "--api-key" in str(refused.value)
+
+
+def test_an_upstream_is_its_apis_base_url_and_its_key_is_never_shown(caplog):
+    settings = Settings(upstream="https://gpu-server.example:8000/v1", upstream_api_key="up-s3cret")
+    assert settings.upstream == "https://gpu-server.example:8000/v1"
+    logging.getLogger("tutorial_api").warning("settings: %s %r", settings, settings)
+    assert "up-s3cret" not in repr(settings) + caplog.text

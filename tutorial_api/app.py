@@ -1,4 +1,5 @@
-"""the chat API: the tutorial's `POST /`, the OpenAI-compatible `/v1`, and `GET /health`, on one engine."""
+"""the chat API: the tutorial's `POST /`, the OpenAI-compatible `/v1`, and `GET /health`, on one engine: the kit's
+own, or an OpenAI-compatible upstream server."""
 
 import asyncio
 import logging
@@ -11,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from tutorial_api import openai_api, tutorial_routes
+from tutorial_api import openai_api, tokenize_api, tutorial_routes
 from tutorial_api.access import keys_from, require_key
 from tutorial_api.chat import ChatInputError
 from tutorial_api.docs import add_docs
@@ -23,6 +24,7 @@ from tutorial_api.openai_schemas import ErrorResponse
 from tutorial_api.request_log import RequestLog
 from tutorial_api.schemas import ChatError, Health
 from tutorial_api.settings import Settings
+from tutorial_api.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +38,25 @@ a request's `model` field may name it or anything else.
 def create_app(model=None, settings: Settings | None = None, *, device=None, dtype=None, **overrides) -> FastAPI:
     """the FastAPI app serving `model`: a preset, hub id or folder (default: the settings' model), or a
     `(model, tokenizer)` pair already loaded. `settings` default to the environment's; `overrides` change any of
-    their fields, e.g. `create_app("tiny-qwen2", api_keys=["alice:s3cret"], max_new_tokens=64)`."""
+    their fields, e.g. `create_app("tiny-qwen2", api_keys=["alice:s3cret"], max_new_tokens=64)`. With an
+    `upstream` (`create_app(upstream="http://gpu-server:8000/v1")`) no model is loaded: that server generates."""
     settings = replace(settings or Settings(), **overrides)
     loaded = model if isinstance(model, tuple) else None
     model_name = (loaded[0].name_or_path or type(loaded[0]).__name__) if loaded else model or settings.model
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.upstream:
+            app.state.engine = Upstream(settings.upstream, model=settings.upstream_model,
+                                        api_key=settings.upstream_api_key,
+                                        count_prompts=settings.max_prompt_tokens is not None)
+            try:
+                app.state.model_name = await app.state.engine.open()
+                logger.info("Answering with %s through %s", app.state.model_name, settings.upstream)
+                yield
+            finally:
+                await app.state.engine.close()
+            return
         logger.info("Loading model %s", model_name)
         loaded_model, tokenizer = loaded or await asyncio.to_thread(
             load_model, model_name, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code)
@@ -64,6 +78,7 @@ def create_app(model=None, settings: Settings | None = None, *, device=None, dty
     app.add_exception_handler(ChatInputError, unservable_chat)
     app.include_router(tutorial_routes.router, **_guards(app, ChatError))
     app.include_router(openai_api.router, **_guards(app, ErrorResponse))
+    app.include_router(tokenize_api.router, **_guards(app, ChatError))
     app.add_api_route("/health", _health, methods=["GET"], response_model=Health, response_model_exclude_none=True,
                       responses={503: {"model": Health, "description": "the engine cannot generate now, and why"}})
     add_docs(app)
@@ -91,10 +106,10 @@ def _guards(app: FastAPI, error_model) -> dict:
 
 
 async def _health(request: Request):
-    """200 while the engine can generate, with how many requests are generating or waiting; 503 with the reason
-    while its worker is gone or its recent steps all failed."""
+    """200 while the engine (or the upstream server) can generate, with how many requests are generating or
+    waiting; 503 with the reason while it cannot."""
     engine = request.app.state.engine
-    problem = engine.problem
+    problem = await engine.health()
     health = Health(status="unavailable" if problem else "ok", model=request.app.state.model_name,
                     active_requests=engine.active, reason=problem)
     return JSONResponse(health.model_dump(exclude_none=True), 503) if problem else health

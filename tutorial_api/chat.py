@@ -29,6 +29,10 @@ class PreparedChat:
     max_new_tokens: int
     sampling: Sampling
 
+    @property
+    def prompt_tokens(self) -> int:
+        return self.input_ids.shape[-1]
+
 
 def build_messages(prompt, history=None, system=None) -> list[dict]:
     """chat-template messages from `[user, assistant]` history pairs and the new prompt."""
@@ -50,14 +54,22 @@ def sampling_options(temperature=None, top_p=None) -> dict:
     return {"do_sample": False} if options["temperature"] < GREEDY_BELOW else {"do_sample": True, **options}
 
 
-def prepare(model, tokenizer, messages, *, max_length=None, max_new_tokens=None, **sampling):
+def prepare(model, tokenizer, messages, *, max_length=None, max_new_tokens=None,
+            default_max_length=DEFAULT_MAX_LENGTH, **sampling):
     """tokenize with the chat template and work out the answer's budget; `max_length` counts the prompt too.
     `sampling` (temperature, top_p, penalties, seed, top_logprobs) goes on top of the model's generation config."""
     input_ids = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
     )["input_ids"]
-    prompt_tokens = input_ids.shape[-1]
-    context = context_length(model, tokenizer)
+    budget = answer_budget(input_ids.shape[-1], context_length(model, tokenizer), max_length, max_new_tokens,
+                           default_max_length)
+    return PreparedChat(input_ids, budget, settle(model.generation_config, **sampling))
+
+
+def answer_budget(prompt_tokens, context, max_length=None, max_new_tokens=None,
+                  default_max_length=DEFAULT_MAX_LENGTH) -> int:
+    """how many tokens the answer may take: `max_length` (else `default_max_length`, else the whole context) less
+    the prompt, and at most `max_new_tokens`; ChatInputError when the prompt leaves no room."""
     if prompt_tokens >= context:
         raise ChatInputError(
             "prompt",
@@ -66,7 +78,10 @@ def prepare(model, tokenizer, messages, *, max_length=None, max_new_tokens=None,
         )
     if max_length is not None and max_length > context:
         raise ChatInputError("max_length", f"max_length {max_length} is larger than the model's context of {context} tokens.")
-    total = min(DEFAULT_MAX_LENGTH, context) if max_length is None else max_length
+    if max_length is None:
+        total = context if default_max_length is None else min(default_max_length, context)
+    else:
+        total = max_length
     if prompt_tokens >= total:
         raise ChatInputError(
             "max_length",
@@ -74,9 +89,7 @@ def prepare(model, tokenizer, messages, *, max_length=None, max_new_tokens=None,
             f"max_length {total}. Raise max_length (up to {context}) or shorten the history.",
         )
     budget = total - prompt_tokens
-    if max_new_tokens is not None:
-        budget = min(budget, max_new_tokens)
-    return PreparedChat(input_ids, budget, settle(model.generation_config, **sampling))
+    return budget if max_new_tokens is None else min(budget, max_new_tokens)
 
 
 def chat(model, tokenizer, prompt, history=None, *, max_length=None, max_new_tokens=None, top_p=None,

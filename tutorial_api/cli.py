@@ -20,6 +20,7 @@ from tutorial_api.settings import DEFAULT_MODEL, DEFAULT_PORT, Settings, Setting
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # with --upstream: one log line per request, the kit's
     try:
         args.run(args)
     except SettingsError as error:
@@ -35,8 +36,9 @@ def _serve(args) -> None:
     except OSError as error:
         sys.exit(f"Cannot start: cannot listen on {settings.host}:{settings.port} (--host, --port): {error.strerror}")
     port = listener.getsockname()[1]
-    print(f"Loading {settings.model}, then serving on http://{settings.host}:{port} "
-          f"(interactive docs at /docs). Press Ctrl+C to stop.", flush=True)
+    source = f"Answering through {settings.upstream}" if settings.upstream else f"Loading {settings.model}, then"
+    print(f"{source} serving on http://{settings.host}:{port} (interactive docs at /docs). Press Ctrl+C to stop.",
+          flush=True)
     from tutorial_api.app import create_app
 
     try:
@@ -128,7 +130,7 @@ def _current(setting) -> str:
     except SettingsError:
         return f"{os.environ[setting.metadata['env']].strip()!r}, which is not valid"
     if setting.metadata["secret"]:
-        return f"{len(value)} keys" if value else "none"
+        return "none" if not value else f"{len(value)} keys" if setting.metadata["many"] else "set"
     shown = ", ".join(map(str, value)) if setting.metadata["many"] else value
     return "none" if shown in (None, "") else str(shown)
 

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from tutorial_api.chat import chat
+from tutorial_api.chat import chat, prepare
 from tutorial_api.generation import Generation
+from tutorial_api.models import context_length
 from tutorial_api.sampler import sample, token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class EngineError(RuntimeError):
 
     status = 500
     code = "server_error"
+    field = ""
     retry_after: int | None = None
 
 
@@ -94,6 +96,23 @@ class Engine:
         if self.failed_steps >= _UNHEALTHY_AFTER_FAILED_STEPS:
             return f"The last {self.failed_steps} generation steps failed; see the server's log."
         return None
+
+    async def health(self) -> str | None:
+        """why the engine cannot generate now, or None: what /health reports, for this engine or an upstream."""
+        return self.problem
+
+    async def count(self, messages: list[dict]) -> tuple[int, int]:
+        """the prompt's tokens after the chat template, and the model's context."""
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        return len(prompt["input_ids"]), context_length(self.model, self.tokenizer)
+
+    async def prepare(self, messages, **budget_and_sampling):
+        """the chat tokenized for this model, with its answer budget and sampling (see `chat.prepare`)."""
+        return prepare(self.model, self.tokenizer, messages, **budget_and_sampling)
+
+    async def start(self, prepared, *, stop=(), label="") -> Generation:
+        """`submit`, as the routes call any engine, this one or an upstream."""
+        return self.submit(prepared, stop=stop, label=label)
 
     def submit(self, prepared, *, stop=(), label="") -> Generation:
         """queue a prepared chat; raises EngineBusy when the queue is full, EngineStopped once the worker is gone.

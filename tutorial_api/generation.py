@@ -1,4 +1,5 @@
-"""one request's record inside the engine: its state, settings and tokens, and the text it streams to its client."""
+"""one request's record: what every generator (the kit's engine, an upstream server) offers the routes, the text
+streamed to its client and how it ended, and the engine's own record with its settings and tokens."""
 
 import asyncio
 import threading
@@ -11,45 +12,32 @@ from tutorial_api.text_stream import TextStream
 _DONE = object()
 
 
-class Generation:
-    """one request's whole life in the engine (waiting, prefilling, running, done): its settings, the text it
-    streams, and how it ended. `finish` ends it once; later calls change nothing."""
+class StreamedAnswer:
+    """what a route holds of a request, whoever generates it: the text pieces as they come (`stream`, `text`),
+    `cancel`, the token counts and finish reason for the log, and `started` for the request timeout."""
 
-    def __init__(self, prepared, tokenizer, eos_ids, engine, *, stop=(), label=""):
-        self.prompt = prepared.input_ids[0].tolist()
-        self.max_new_tokens = prepared.max_new_tokens
-        self.sampling = prepared.sampling
+    def __init__(self, label=""):
         self.label = label
         self.state = "waiting"
-        self.tokens: list[int] = []
-        self.logprobs: list[tuple[int, float, list]] = []  # (token, its logprob, [(alternative, logprob), ...])
         self.finish_reason: str | None = None
         self.started = time.perf_counter()
-        self._eos_ids = eos_ids
-        self._engine = engine
-        self._random: torch.Generator | None = None
-        self._text = TextStream(tokenizer, stop)
         self._cancelled = False
-        self._ending = threading.Lock()
         self._loop = asyncio.get_running_loop()
         self._pieces: asyncio.Queue = asyncio.Queue()
 
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt)
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.tokens)
+    prompt_tokens: int
+    completion_tokens: int
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled
 
     def cancel(self) -> None:
-        """end at once if still waiting, else leave the batch at the next decoding step."""
-        self._cancelled = True
-        self._engine.withdraw(self)
+        """stop generating: each generator frees its slot its own way."""
+        raise NotImplementedError
+
+    def _end_stream(self) -> None:
+        self._send(_DONE)
 
     async def stream(self, ping_every: float | None = None):
         """the answer as text pieces, as they are decoded, and None after each `ping_every` seconds without one;
@@ -73,6 +61,46 @@ class Generation:
 
     async def text(self) -> str:
         return "".join([piece async for piece in self.stream()])
+
+    def _send(self, item) -> None:
+        """queue a text piece, `_DONE` or an error for the client; safe from any thread."""
+        if item == "":
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._pieces.put_nowait, item)
+        except RuntimeError:
+            pass  # the event loop is gone: nobody is listening any more
+
+
+class Generation(StreamedAnswer):
+    """one request's whole life in the engine (waiting, prefilling, running, done): its settings, the text it
+    streams, and how it ended. `finish` ends it once; later calls change nothing."""
+
+    def __init__(self, prepared, tokenizer, eos_ids, engine, *, stop=(), label=""):
+        super().__init__(label)
+        self.prompt = prepared.input_ids[0].tolist()
+        self.max_new_tokens = prepared.max_new_tokens
+        self.sampling = prepared.sampling
+        self.tokens: list[int] = []
+        self.logprobs: list[tuple[int, float, list]] = []  # (token, its logprob, [(alternative, logprob), ...])
+        self._eos_ids = eos_ids
+        self._engine = engine
+        self._random: torch.Generator | None = None
+        self._text = TextStream(tokenizer, stop)
+        self._ending = threading.Lock()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+    def cancel(self) -> None:
+        """end at once if still waiting, else leave the batch at the next decoding step."""
+        self._cancelled = True
+        self._engine.withdraw(self)
 
     def random(self, device) -> torch.Generator:
         """this request's own random numbers, from its seed, on the device of the logits it samples from."""
@@ -110,11 +138,3 @@ class Generation:
         else:
             self.finish_reason = "error"
             self._send(error)
-
-    def _send(self, item) -> None:
-        if item == "":
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._pieces.put_nowait, item)
-        except RuntimeError:
-            pass  # the event loop is gone: nobody is listening any more

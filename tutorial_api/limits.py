@@ -53,19 +53,21 @@ def check_turns(messages: list[dict], settings) -> None:
 
 def check_tokens(prepared, settings, budget_field: str | None) -> None:
     """refuses a prompt over max_prompt_tokens, and a budget set by `budget_field` that would let the answer run
-    past max_new_tokens; a budget the client did not set is lowered to max_new_tokens instead."""
-    prompt_tokens = prepared.input_ids.shape[-1]
-    if settings.max_prompt_tokens is not None and prompt_tokens > settings.max_prompt_tokens:
+    past max_new_tokens; a budget the client did not set is lowered to max_new_tokens instead. A prompt or budget
+    of None (an upstream that cannot count tokens) is not known, so not refused."""
+    prompt_tokens = prepared.prompt_tokens
+    if None not in (settings.max_prompt_tokens, prompt_tokens) and prompt_tokens > settings.max_prompt_tokens:
         raise ChatInputError("prompt", f"The prompt and history take {prompt_tokens} tokens, more than this "
                                        f"server's limit (max_prompt_tokens) of {settings.max_prompt_tokens}. "
                                        "Shorten the prompt or drop old history turns.")
     limit = settings.max_new_tokens
-    if limit is None or prepared.max_new_tokens <= limit:
+    budget = prepared.max_new_tokens
+    if limit is None or (budget is not None and budget <= limit):
         return
     if budget_field is None:
         prepared.max_new_tokens = limit
         return
-    highest = prompt_tokens + limit if budget_field == "max_length" else limit
+    highest = (prompt_tokens or 0) + limit if budget_field == "max_length" else limit
     raise ChatInputError(budget_field, f"{budget_field} allows an answer of {prepared.max_new_tokens} tokens, more "
                                        f"than this server's limit (max_new_tokens) of {limit} new tokens per "
                                        f"request. Set {budget_field} to at most {highest}, or leave it out.")

@@ -1,4 +1,5 @@
-"""OpenAI-compatible `/v1/chat/completions` (with streaming) and `/v1/models`, served by the engine."""
+"""OpenAI-compatible `/v1/chat/completions` (with streaming) and `/v1/models`, served by the engine (the kit's
+own, or an upstream server)."""
 
 import json
 import logging
@@ -9,7 +10,6 @@ from fastapi import APIRouter, Request
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 
 from tutorial_api.errors import Refusal
-from tutorial_api.models import context_length
 from tutorial_api.openai_schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 500, 503)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 500, 502, 503)}
 # A stream that has sent nothing for this long sends an SSE comment, so proxies and clients keep it open.
 KEEPALIVE_SECONDS = 15.0
 # FastAPI's own SSE headers: no caching, and no buffering in an nginx proxy.
@@ -49,11 +49,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine = request.app.state.engine
     if engine.legacy:
         raise Refusal(400, "This model's remote code has its own chat(): it is served on POST / only.", field="model")
-    generation = start_generation(
+    generation = await start_generation(
         request,
         [message.for_template() for message in body.messages],
         # Unlike the tutorial's max_length, OpenAI's budget leaves the whole context to the answer.
-        max_length=context_length(engine.model, engine.tokenizer),
+        default_max_length=None,
         max_new_tokens=budgets.get(budget_field),
         budget_field=budget_field,
         temperature=body.temperature,
@@ -67,8 +67,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     completion_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), request.app.state.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_events(request, generation, completion_id, created, model, include_usage),
-                                   headers=_SSE_HEADERS)
+        return EventSourceResponse(_events(request, generation, completion_id, created, model, include_usage,
+                                           body.logprobs), headers=_SSE_HEADERS)
     content = await answer_or_cancel(request, generation)
     if content is None:
         raise Refusal(499, "The client disconnected.")
@@ -79,8 +79,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     )
 
 
-async def _events(request, generation, completion_id, created, model, include_usage):
-    tokenizer, logprobs_sent = request.app.state.engine.tokenizer, 0
+async def _events(request, generation, completion_id, created, model, include_usage, with_logprobs):
+    logprobs_sent = 0
 
     def event(choices, **extra):
         chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -90,9 +90,9 @@ async def _events(request, generation, completion_id, created, model, include_us
     def delta(content, finish_reason=None):
         nonlocal logprobs_sent
         choice = {"index": 0, "delta": content, "finish_reason": finish_reason}
-        if generation.sampling.top_logprobs is not None:
+        if with_logprobs:
             # The tokens decoded since the last event: the text of a token held back for a stop string comes later.
-            choice["logprobs"] = _logprobs(tokenizer, generation.logprobs[logprobs_sent:])
+            choice["logprobs"] = _logprobs(request.app.state.engine.tokenizer, generation.logprobs[logprobs_sent:])
             logprobs_sent += len(choice["logprobs"]["content"])
         return event([choice])
 

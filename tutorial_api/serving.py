@@ -1,11 +1,12 @@
-"""between HTTP and the engine: start a generation for a request within the server's limits, then wait for it."""
+"""between HTTP and the engine (the kit's own, or an upstream server): start a generation for a request within the
+server's limits, then wait for it."""
 
 import asyncio
 import time
 
+import anyio
 from fastapi import Request
 
-from tutorial_api.chat import prepare
 from tutorial_api.engine import EngineError
 from tutorial_api.errors import Refusal
 from tutorial_api.limits import check_tokens, check_turns
@@ -14,20 +15,25 @@ from tutorial_api.limits import check_tokens, check_turns
 _DISCONNECT_POLL_SECONDS = 0.25
 
 
-def start_generation(request: Request, messages, *, budget_field=None, stop=(), **budget_and_sampling):
-    """tokenize and queue a chat; raises ChatInputError before any compute, a 503 Refusal when the queue is full
-    or the engine has stopped.
+async def start_generation(request: Request, messages, *, budget_field=None, stop=(), **budget_and_sampling):
+    """check and start a chat on the app's engine (the kit's own, or an upstream server); raises ChatInputError
+    before anything is generated or sent, a Refusal when the engine refuses (busy, stopped, unreachable), 504 past
+    the request timeout.
 
     `budget_field` names the request field that set the answer's budget, when the client set one.
     """
     engine, settings = request.app.state.engine, request.app.state.settings
     check_turns(messages, settings)
-    prepared = prepare(engine.model, engine.tokenizer, messages, **budget_and_sampling)
-    check_tokens(prepared, settings, budget_field)
     try:
-        generation = engine.submit(prepared, stop=stop, label=request.state.request_id)
+        # anyio's timer, not asyncio's: an upstream request cut off while it waits lets httpx close it cleanly.
+        with anyio.fail_after(settings.request_timeout):
+            prepared = await engine.prepare(messages, **budget_and_sampling)
+            check_tokens(prepared, settings, budget_field)
+            generation = await engine.start(prepared, stop=stop, label=request.state.request_id)
     except EngineError as error:
         raise _refusal(error) from None
+    except TimeoutError:
+        raise _timeout_refusal(settings.request_timeout) from None
     request.state.generation = generation  # for the request log
     return generation
 
@@ -74,7 +80,7 @@ async def stream_or_timeout(request: Request, generation, ping_every: float | No
 def _refusal(error: EngineError) -> Refusal:
     """the engine's own error as the server's refusal, in each API's shape."""
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-    return Refusal(error.status, str(error), code=error.code, headers=headers)
+    return Refusal(error.status, str(error), field=error.field, code=error.code, headers=headers)
 
 
 def _seconds_left(request: Request, generation) -> float | None:
@@ -85,7 +91,10 @@ def _seconds_left(request: Request, generation) -> float | None:
 
 def _timed_out(request: Request, generation) -> Refusal:
     generation.cancel()
-    timeout = request.app.state.settings.request_timeout
+    return _timeout_refusal(request.app.state.settings.request_timeout)
+
+
+def _timeout_refusal(timeout: float) -> Refusal:
     return Refusal(504, f"The answer took longer than this server's limit (request_timeout) of {timeout:g} seconds "
                         "and was cancelled. Ask for a shorter answer, or try again when the server is less busy.",
                    code="timeout")

@@ -3,6 +3,7 @@
 import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import get_args
@@ -41,6 +42,8 @@ def _between(low, high):
 
 
 _POSITIVE = (lambda value: value > 0, "above 0")
+_API_BASE_URL = (lambda value: re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?/v1/?", value) is not None,
+                 "that is an http:// or https:// URL ending in /v1, e.g. http://gpu-server:8000/v1")
 
 
 def _setting(default, env: str, flag: str, help: str, parse=str, many: bool = False, valid=None, secret=False):
@@ -112,6 +115,14 @@ class Settings:
         False, "TUTORIAL_API_TRUST_REMOTE_CODE", "--trust-remote-code",
         "run Python code from the model's own repository, which some models need (Qwen-7B-Chat): only for a "
         "repository you trust", _yes_or_no)
+    upstream: str | None = _setting(
+        None, "TUTORIAL_API_UPSTREAM", "--upstream",
+        "serve through this OpenAI-compatible server (vLLM, SGLang, another kit) instead of loading a model: its "
+        "API's base URL, ending in /v1", valid=_API_BASE_URL)
+    upstream_model: str | None = _setting(None, "TUTORIAL_API_UPSTREAM_MODEL", "--upstream-model",
+                                          "the upstream's model to use (none: the first it lists)")
+    upstream_api_key: str | None = _setting(None, "TUTORIAL_API_UPSTREAM_API_KEY", "--upstream-api-key",
+                                            "the API key the upstream server wants, if any", secret=True)
 
     def __post_init__(self):
         for setting in fields(self):

@@ -1,4 +1,4 @@
-"""the original tutorial's `POST /`, served by the engine."""
+"""the original tutorial's `POST /`, served by the engine (the kit's own, or an upstream server)."""
 
 from fastapi import APIRouter, Request
 
@@ -11,7 +11,7 @@ router = APIRouter()
 
 
 @router.post("/", response_model=ChatResponse, responses={
-    status: {"model": ChatError} for status in (413, 422, 500, 503)})
+    status: {"model": ChatError} for status in (413, 422, 500, 502, 503)})
 async def create_chat(body: ChatRequest, request: Request):
     """answer `prompt` after `history`, as the original tutorial's endpoint does."""
     options = {"max_length": body.max_length, "top_p": body.top_p, "temperature": body.temperature}
@@ -19,7 +19,7 @@ async def create_chat(body: ChatRequest, request: Request):
     if engine.legacy:
         response, history = await engine.legacy_chat(body.prompt, body.history, **options)
         return ChatResponse(response=response, history=history, time=now())
-    generation = start_generation(request, build_messages(body.prompt, body.history), max_length=body.max_length,
+    generation = await start_generation(request, build_messages(body.prompt, body.history), max_length=body.max_length,
                                   budget_field=None if body.max_length is None else "max_length",
                                   **tutorial_sampling(body.temperature, body.top_p))
     response = await answer_or_cancel(request, generation)

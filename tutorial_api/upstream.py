@@ -1,0 +1,262 @@
+"""an OpenAI-compatible server (vLLM, SGLang, another kit) as the kit's engine: the same prepare, start, then text,
+stream or cancel as the kit's own, over one pooled HTTP client for the server's life.
+
+Every request goes upstream as a stream, whether its client streams or not: its text arrives as it is generated,
+its usage comes in the last chunk, and closing the connection is how the upstream learns a client hung up (vLLM
+aborts a request whose connection closes).
+"""
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+
+import anyio
+import httpx
+
+from tutorial_api.chat import DEFAULT_MAX_LENGTH, ChatInputError, answer_budget
+from tutorial_api.engine import EngineError
+from tutorial_api.generation import StreamedAnswer
+
+logger = logging.getLogger(__name__)
+
+# A class of a few hundred students: this many requests in flight to the upstream at once, the rest queue here.
+MAX_CONNECTIONS = 256
+# How long /health waits for the upstream's own health.
+_HEALTH_SECONDS = 5.0
+# Statuses that say an upstream has no such route (POST /tokenize, GET /health are not in every server).
+_ABSENT = (404, 405, 501)
+
+
+class UpstreamError(EngineError):
+    """the upstream's failure as the kit answers it: `status`, a message safe to show, `field` when the upstream
+    named the request's field at fault, `retry_after` passed on from the upstream."""
+
+    def __init__(self, status: int, message: str, *, code: str = "upstream_error", field: str = "",
+                 retry_after: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.field, self.retry_after = status, code, field, retry_after
+
+
+@dataclass
+class UpstreamChat:
+    """a conversation checked and ready to send: its token count and answer budget where the upstream can count
+    tokens (None where it cannot), and the OpenAI fields to send."""
+
+    messages: list[dict]
+    prompt_tokens: int | None
+    max_new_tokens: int | None
+    options: dict = field(default_factory=dict)
+
+
+class Upstream:
+    """the kit's engine when an OpenAI-compatible server generates: one pooled httpx client to `base_url` (ending in
+    /v1); `model` defaults to the first model the upstream lists."""
+
+    legacy = False
+
+    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
+                 count_prompts: bool = False):
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.count_prompts = count_prompts  # count every prompt (for max_prompt_tokens), not only for max_length
+        self._counts_tokens = True  # until the upstream shows it has no /tokenize
+        self._live: set[UpstreamGeneration] = set()
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(
+            headers=headers, timeout=httpx.Timeout(None, connect=10.0),  # the kit's request_timeout bounds a request
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS))
+
+    async def open(self) -> str:
+        """learn the model to use, when none was named; returns its name."""
+        if self.model is None:
+            listed = await self._call("GET", f"{self.base_url}/models")
+            models = [card["id"] for card in listed.json().get("data", [])]
+            if not models:
+                raise UpstreamError(502, f"The upstream server at {self.base_url} lists no model.")
+            self.model = models[0]
+        return self.model
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    @property
+    def active(self) -> int:
+        """requests sent upstream and not yet answered in full."""
+        return len(self._live)
+
+    async def health(self) -> str | None:
+        """why the upstream cannot answer now, or None while it can: its /health (at the server's root, as vLLM's),
+        else its model list."""
+        for url in (f"{self.base_url.removesuffix('/v1')}/health", f"{self.base_url}/models"):
+            try:
+                answer = await self.client.get(url, timeout=_HEALTH_SECONDS)
+            except httpx.HTTPError as error:
+                return f"The upstream server at {self.base_url} cannot be reached ({type(error).__name__})."
+            if answer.status_code == 200:
+                return None
+            if answer.status_code not in _ABSENT:
+                return f"The upstream server at {self.base_url} reports {answer.status_code} on {url}."
+        return None
+
+    async def count(self, messages: list[dict]) -> tuple[int, int] | None:
+        """the prompt's tokens after the chat template, and the model's context, by the upstream's POST /tokenize
+        (vLLM's, at the server's root); None where the upstream has none."""
+        if not self._counts_tokens:
+            return None
+        url = f"{self.base_url.removesuffix('/v1')}/tokenize"
+        body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
+        try:
+            counted = (await self._call("POST", url, json=body)).json()
+        except UpstreamError as error:
+            if error.status not in _ABSENT:
+                raise
+            logger.info("The upstream has no POST /tokenize: max_length and max_prompt_tokens are not checked here")
+            self._counts_tokens = False
+            return None
+        return counted["count"], counted["max_model_len"]
+
+    async def prepare(self, messages, *, max_length=None, max_new_tokens=None, default_max_length=DEFAULT_MAX_LENGTH,
+                      top_logprobs=None, **sampling) -> UpstreamChat:
+        """the chat with its answer budget as `chat.prepare` works it out, where the upstream counts tokens; where
+        it cannot, the answer is held to `max_new_tokens`, else to `max_length` alone. The prompt is counted only
+        where a budget or `count_prompts` needs it."""
+        if top_logprobs is not None:
+            raise ChatInputError("logprobs", "logprobs are not available on this server: it answers through an "
+                                             "upstream server.")
+        # A budget of the whole context needs no count: the upstream keeps its own context, and saves a round trip.
+        whole_context = max_length is None and default_max_length is None
+        counted = None if whole_context and not self.count_prompts else await self.count(messages)
+        if counted is None:
+            budget = max_new_tokens if max_new_tokens is not None else max_length
+            return UpstreamChat(messages, None, budget, _present(sampling))
+        budget = answer_budget(*counted, max_length, max_new_tokens, default_max_length)
+        return UpstreamChat(messages, counted[0], budget, _present(sampling))
+
+    async def start(self, chat: UpstreamChat, *, stop=(), label="") -> "UpstreamGeneration":
+        """send the chat upstream and return once it is accepted; raises UpstreamError as the upstream refuses."""
+        body = {"model": self.model, "messages": chat.messages, "stream": True,
+                "stream_options": {"include_usage": True}, **chat.options}
+        if chat.max_new_tokens is not None:
+            body["max_tokens"] = chat.max_new_tokens
+        if stop:
+            body["stop"] = list(stop)
+        generation = UpstreamGeneration(chat, self, label)
+        self._live.add(generation)
+        try:
+            response = await self._call("POST", f"{self.base_url}/chat/completions", json=body, stream=True)
+        except BaseException:
+            self._live.discard(generation)
+            raise
+        generation.read(response)
+        return generation
+
+    def forget(self, generation: "UpstreamGeneration") -> None:
+        self._live.discard(generation)
+
+    async def _call(self, method: str, url: str, *, stream: bool = False, **options) -> httpx.Response:
+        """the upstream's 200 answer (its body unread when `stream`), or its failure as an UpstreamError."""
+        request = self.client.build_request(method, url, **options)
+        try:
+            response = await self.client.send(request, stream=stream)
+        except httpx.HTTPError as error:
+            raise UpstreamError(502, f"The upstream server at {self.base_url} cannot be reached "
+                                     f"({type(error).__name__}); try again when it is back.",
+                                code="upstream_unreachable") from None
+        if response.status_code != 200:
+            await response.aread()
+            await response.aclose()
+            raise _failure(response)
+        return response
+
+
+class UpstreamGeneration(StreamedAnswer):
+    """one request answered by the upstream: its text as it streams in, its usage, and `cancel`, which closes the
+    upstream connection at once so the upstream stops generating."""
+
+    def __init__(self, chat: UpstreamChat, upstream: Upstream, label: str):
+        super().__init__(label)
+        self.prompt_tokens = chat.prompt_tokens or 0
+        self.completion_tokens = 0
+        self._upstream = upstream
+        self._text_events = 0
+        # An anyio scope, not Task.cancel: httpx finishes closing the connection under anyio's shield, so the
+        # upstream sees it close, and the pool gets its slot back.
+        self._reading = anyio.CancelScope()
+        self._reader: asyncio.Task | None = None
+
+    def read(self, response: httpx.Response) -> None:
+        """start reading the upstream's events into this answer's pieces."""
+        self.state = "running"
+        self._reader = asyncio.create_task(self._read(response))
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._reading.cancel()
+
+    async def _read(self, response: httpx.Response) -> None:
+        try:
+            with self._reading:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:") or (data := line[5:].strip()) == "[DONE]":
+                        continue
+                    event = json.loads(data)
+                    if "error" in event:
+                        raise _failure(None, event, status=502)
+                    if usage := event.get("usage"):
+                        self.prompt_tokens, self.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+                    for choice in event.get("choices") or []:
+                        if text := (choice.get("delta") or {}).get("content"):
+                            self._text_events += 1
+                            self._send(text)
+                        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            if self._reading.cancelled_caught:
+                self._end("cancelled")
+                return
+            self._end("stop" if self.finish_reason not in ("stop", "length") else self.finish_reason)
+        except UpstreamError as error:
+            self._end("error", error)
+        except (httpx.HTTPError, ValueError, KeyError) as error:
+            logger.warning("The upstream's answer to request %s broke off: %r", self.label or "-", error)
+            self._end("error", UpstreamError(502, "The upstream server's answer broke off; try again."))
+        finally:
+            await response.aclose()  # an answer left unread closes its connection: the upstream aborts the request
+
+    def _end(self, reason: str, error: Exception | None = None) -> None:
+        self.state, self.finish_reason = "done", reason
+        # Without the upstream's usage (no last chunk yet, or none sent), count the text events: most servers
+        # stream one token an event.
+        self.completion_tokens = self.completion_tokens or self._text_events
+        self._upstream.forget(self)
+        if error is None:
+            self._end_stream()
+        else:
+            self._send(error)
+
+
+def _present(options: dict) -> dict:
+    """the sampling fields the client set, to send as they are."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _failure(response: httpx.Response | None, body: dict | None = None, *, status: int | None = None) -> UpstreamError:
+    """an upstream's error answer, or an error event in its stream, as the kit passes it on: a 4xx with the
+    upstream's own message, 503 with its Retry-After, anything else as 502."""
+    if body is None:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"message": response.text[:500]}
+    detail = body.get("error") if isinstance(body.get("error"), dict) else body
+    message = str(detail.get("message") or detail.get("detail") or body)
+    status = status or response.status_code
+    if status in (401, 403):
+        return UpstreamError(502, "The upstream server refused this server's key: check --upstream-api-key.")
+    if status == 503:
+        return UpstreamError(503, f"The upstream server is busy: {message}", code="server_busy",
+                             retry_after=response.headers.get("Retry-After"))
+    if 400 <= status < 500:
+        return UpstreamError(status, message, code=str(detail.get("code") or "upstream_error"),
+                             field=str(detail.get("param") or detail.get("field") or ""),
+                             retry_after=response.headers.get("Retry-After"))
+    return UpstreamError(502, f"The upstream server failed ({status}): {message}")
