@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from tutorial_api.chat import chat, prepare
 from tutorial_api.generation import Generation
 from tutorial_api.models import context_length
+from tutorial_api.packed_linear import pack_linear_layers
 from tutorial_api.sampler import sample, token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,11 @@ class EngineStopped(EngineError):
 
 
 class Engine:
-    """owns the model; admits requests to a bounded queue and decodes them together on one worker thread."""
+    """owns the model; admits requests to a bounded queue and decodes them together on one worker thread. On a CPU
+    it packs the model's linear layers for oneDNN first (see `packed_linear`)."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_waiting: int = 64):
+        pack_linear_layers(model)
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size

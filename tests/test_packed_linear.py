@@ -1,0 +1,89 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tutorial_api import load_model
+from tutorial_api.chat import build_messages
+from tutorial_api.packed_linear import PackedLinear, pack_linear_layers
+
+
+def greedy(model, tokenizer, new_tokens=16):
+    ids = tokenizer.apply_chat_template(build_messages("What is the capital of France?", []),
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)[0].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_model_answers_token_for_token_as_the_plain_one(dtype):
+    model, tokenizer = load_model("tiny-qwen2", dtype=dtype)
+    plain = greedy(model, tokenizer)
+    linear_layers = sum(type(module) is nn.Linear for module in model.modules())
+
+    assert pack_linear_layers(model) == linear_layers
+    assert all(type(module) is not nn.Linear for module in model.modules())
+    assert greedy(model, tokenizer) == plain
+
+
+@pytest.mark.real_model
+def test_the_default_models_output_layer_keeps_sharing_the_embedding(smollm2):
+    model = copy.deepcopy(smollm2[0])
+    parameters = model.num_parameters()
+
+    pack_linear_layers(model)
+
+    assert type(model.lm_head) is nn.Linear
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert isinstance(model.model.layers[0].mlp.down_proj, PackedLinear)
+    assert model.num_parameters() == parameters
+    assert greedy(model, smollm2[1], 8) == greedy(smollm2[0], smollm2[1], 8)
+
+
+def test_moving_a_packed_model_unpacks_it_and_packs_it_again_on_the_cpu():
+    model, tokenizer = load_model("tiny-qwen2")
+    plain = greedy(model, tokenizer)
+    pack_linear_layers(model)
+    layer = model.model.layers[0].self_attn.q_proj
+
+    model.to(torch.float64)
+    assert not layer.weight.is_mkldnn and layer.weight.dtype == torch.float64
+    model.to(torch.float32)
+
+    assert layer.weight.is_mkldnn and layer.weight.dtype == torch.float32
+    assert greedy(model, tokenizer) == plain
+    model.to("meta")
+    assert not layer.weight.is_mkldnn and layer.weight.device.type == "meta"
+
+
+def test_a_copy_of_a_packed_model_answers_the_same():
+    model, tokenizer = load_model("tiny-qwen2")
+    pack_linear_layers(model)
+
+    assert greedy(copy.deepcopy(model), tokenizer) == greedy(model, tokenizer)
+
+
+def test_nothing_is_packed_where_torch_has_no_onednn(monkeypatch):
+    model, _ = load_model("tiny-qwen2")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+
+    assert pack_linear_layers(model) == 0
+    assert not any(isinstance(module, PackedLinear) for module in model.modules())
+
+
+def test_float16_layers_stay_plain():
+    model, _ = load_model("tiny-qwen2", dtype=torch.float16)
+
+    assert pack_linear_layers(model) == 0
+
+
+def test_a_packed_model_saves_and_loads_its_plain_weights(tmp_path):
+    model, tokenizer = load_model("tiny-qwen2")
+    plain = greedy(model, tokenizer)
+    pack_linear_layers(model)
+
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert greedy(*load_model(str(tmp_path))) == plain
+    model.load_state_dict(load_model("tiny-qwen2")[0].state_dict())
+    assert greedy(model, tokenizer) == plain
