@@ -267,8 +267,9 @@ def hang_up_check(kit_url: str, vllm_url: str, model: str) -> dict:
             "stream": True}
     with requests.post(f"{kit_url}/v1/chat/completions", json=body, stream=True, timeout=600) as answer:
         lines = answer.iter_lines(decode_unicode=True)
-        while '"content": ""' in (line := next(lines)) or not line.startswith("data: "):
-            pass
+        while not (line := next(lines)).startswith("data: ") or not any(
+                choice["delta"].get("content") for choice in json.loads(line[6:]).get("choices", [])):
+            pass  # the role chunk, written by vLLM or by the kit in its own spacing, has no text yet
         running = vllm_running(vllm_url)
     hung_up = time.perf_counter()
     while (after := vllm_running(vllm_url)) > 0 and time.perf_counter() - hung_up < 10:

@@ -1,6 +1,7 @@
 """the kit in front of an OpenAI-compatible server: a kit on the tiny model as the upstream of a kit in upstream
 mode, and `transformers serve`, a server no one here wrote."""
 
+import asyncio
 import json
 import logging
 import subprocess
@@ -9,12 +10,13 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import requests
 
 from tutorial_api import create_app, start_server
-from tutorial_api.upstream import Upstream
+from tutorial_api.upstream import Upstream, UpstreamChat
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -134,6 +136,30 @@ def test_the_openai_client_streams_through_the_upstream_with_usage(front, log_li
     assert "completion_tokens=6 finish=length" in log_lines(CHAT)[-1]
 
 
+def test_a_stream_without_usage_asked_gets_none_and_the_log_has_the_upstreams_counts(front, log_lines):
+    client = openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused")
+    chunks = list(client.chat.completions.create(model="x", messages=HELLO, max_tokens=5, temperature=0,
+                                                 stream=True))
+    # The kit asked the upstream for the usage, for its log, and kept it from a client that did not ask.
+    assert all(chunk.usage is None and chunk.choices for chunk in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    wait_until(lambda: len(log_lines(CHAT)) == 2, "both servers' log lines")
+    upstream_line, front_line = (line.split(" prompt_tokens=")[1].split(" seconds=")[0] for line in log_lines(CHAT))
+    assert front_line == upstream_line and "completion_tokens=5 finish=length" in front_line
+
+
+def test_a_stream_the_upstream_breaks_off_ends_with_an_openai_error_event(kits, slow_tiny):
+    upstream = kits(slow_tiny, request_timeout=0.5)  # its stream ends in its own error event
+    front = kits(upstream=f"{upstream.url}/v1")
+    body = {"messages": HELLO, "max_tokens": 900, "stream": True}
+    with requests.post(f"{front.url}{CHAT}", json=body, stream=True) as streamed:
+        events = [json.loads(line[6:]) for line in streamed.iter_lines(decode_unicode=True)
+                  if line.startswith("data: ")]
+    assert streamed.status_code == 200 and any(event.get("choices") for event in events[:-1])
+    assert events[-1]["error"]["code"] == "upstream_error" and "longer than" in events[-1]["error"]["message"]
+    assert front.engine.active == 0
+
+
 def test_a_client_that_hangs_up_frees_the_upstreams_slot_streaming(front, upstream, decoding, log_lines):
     body = {"messages": HELLO, "max_tokens": 1000, "stream": True}
     with requests.post(f"{front.url}{CHAT}", json=body, stream=True) as streamed:
@@ -196,6 +222,12 @@ def test_an_upstream_slower_than_the_request_timeout_gives_504_and_is_cancelled(
         answer = requests.post(f"{front.url}{path}", json=body)
         assert answer.status_code == 504, answer.text
         wait_until(lambda: upstream.engine.active == 0, "the upstream's request cancelled")
+    # A stream already under way ends with the timeout as an error event.
+    with requests.post(f"{front.url}{CHAT}", json={"messages": HELLO, "max_tokens": 900, "stream": True},
+                       stream=True) as streamed:
+        last = [line for line in streamed.iter_lines(decode_unicode=True) if line.startswith("data: ")][-1]
+    assert json.loads(last[6:])["error"]["code"] == "timeout"
+    wait_until(lambda: upstream.engine.active == 0, "the upstream's streamed request cancelled")
 
 
 def test_an_upstreams_4xx_is_passed_on_with_its_message(kits, tiny):
@@ -237,6 +269,35 @@ def test_per_key_concurrency_holds_in_front_of_the_upstream(kits, upstream, deco
         lines = decoding(streamed)  # noqa: F841 - kept: dropping it would hang up and free the slot
         assert requests.post(f"{front.url}/", json={"prompt": "Hi"}, headers=alice).status_code == 429
         assert requests.post(f"{front.url}/", json={"prompt": "Hi", "max_length": 40}, headers=bob).status_code == 200
+
+
+def test_events_split_across_reads_with_crlf_line_ends_are_passed_on_whole():
+    # Servers built on sse-starlette end lines with CRLF, and any read may stop mid-event.
+    events = [{"choices": [{"delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+              {"choices": [{"delta": {"content": "你好"}, "finish_reason": None}]},
+              {"choices": [{"delta": {"content": "!"}, "finish_reason": "stop"}]},
+              {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}]
+    sent = "".join(f"data: {json.dumps(event, ensure_ascii=False)}\r\n\r\n" for event in events).encode()
+    sent += b"data: [DONE]\r\n\r\n"
+
+    async def in_pieces():
+        for start in range(0, len(sent), 7):
+            yield sent[start:start + 7]
+
+    async def relayed(include_usage):
+        upstream = Upstream("http://upstream.test/v1", model="m")
+        upstream.client = httpx.AsyncClient(
+            transport=httpx.MockTransport(lambda request: httpx.Response(200, content=in_pieces())))
+        async with upstream.client:
+            generation = await upstream.start(UpstreamChat(HELLO, None, None))
+            return b"".join([events async for events in generation.relay(include_usage)]), generation
+
+    for include_usage in (False, True):
+        relayed_bytes, generation = asyncio.run(relayed(include_usage))
+        *received, done = relayed_bytes.decode().split("\n\n")[:-1]
+        assert [json.loads(event.removeprefix("data: ")) for event in received] == events[:3 + include_usage]
+        assert done == "data: [DONE]"
+        assert (generation.prompt_tokens, generation.completion_tokens, generation.finish_reason) == (3, 2, "stop")
 
 
 # transformers' own OpenAI-compatible server, on the tiny model saved to a folder.
@@ -288,6 +349,10 @@ def test_the_kit_answers_through_transformers_serve(kits, transformers_serve, lo
                                                  stream_options={"include_usage": True}))
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     assert chunks[-1].usage.completion_tokens == 4
+    # Its usage rides on the chunk with the finish reason: a client that did not ask gets that chunk without it.
+    plain = list(client.chat.completions.create(model="x", messages=HELLO, max_tokens=4, stream=True))
+    assert all(chunk.usage is None for chunk in plain) and plain[-1].choices[0].finish_reason == "length"
+    assert "completion_tokens=4 finish=length" in log_lines(CHAT)[-1]
     assert requests.get(f"{front.url}/health").json()["status"] == "ok"
 
 

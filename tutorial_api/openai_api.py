@@ -67,6 +67,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     completion_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), request.app.state.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if hasattr(generation, "relay"):  # an upstream's own events go on as they come: none is parsed and rewritten
+            return EventSourceResponse(_relayed(request, generation, include_usage), headers=_SSE_HEADERS)
         return EventSourceResponse(_events(request, generation, completion_id, created, model, include_usage,
                                            body.logprobs), headers=_SSE_HEADERS)
     content = await answer_or_cancel(request, generation)
@@ -98,20 +100,34 @@ async def _events(request, generation, completion_id, created, model, include_us
 
     try:
         yield delta({"role": "assistant", "content": ""})
-        async for piece in stream_or_timeout(request, generation, ping_every=KEEPALIVE_SECONDS):
+        async for piece in stream_or_timeout(request, generation, generation.stream(KEEPALIVE_SECONDS)):
             yield KEEPALIVE_COMMENT if piece is None else delta({"content": piece})
         yield delta({}, generation.finish_reason)
         if include_usage:
             yield event([], usage=_usage(generation).model_dump())
         yield format_sse_event(data_str="[DONE]")
     except Exception as error:  # noqa: BLE001 - the status line is sent: report in the stream
-        if isinstance(error, Refusal):
-            detail = {"message": error.detail, "type": "server_error", "code": error.code}
-        else:
-            logger.exception("Stream of request %s failed", request.state.request_id)
-            detail = {"message": "The answer failed on the server; its log has the details under this request's "
-                                 "X-Request-ID.", "type": "server_error", "code": "server_error"}
-        yield format_sse_event(data_str=ErrorResponse(error=detail).model_dump_json())
+        yield _error_event(request, error)
+
+
+async def _relayed(request, generation, include_usage):
+    """an upstream's events as they come, ending as `_events` does past the request timeout or on a failure."""
+    try:
+        async for events in stream_or_timeout(request, generation, generation.relay(include_usage, KEEPALIVE_SECONDS)):
+            yield KEEPALIVE_COMMENT if events is None else events
+    except Exception as error:  # noqa: BLE001 - the status line is sent: report in the stream
+        yield _error_event(request, error)
+
+
+def _error_event(request, error: Exception) -> bytes:
+    """a stream's failure as OpenAI's error event: a refusal's own message, anything else only in the log."""
+    if isinstance(error, Refusal):
+        detail = {"message": error.detail, "type": "server_error", "code": error.code}
+    else:
+        logger.exception("Stream of request %s failed", request.state.request_id)
+        detail = {"message": "The answer failed on the server; its log has the details under this request's "
+                             "X-Request-ID.", "type": "server_error", "code": "server_error"}
+    return format_sse_event(data_str=ErrorResponse(error=detail).model_dump_json())
 
 
 def _logprobs(tokenizer, entries) -> dict:

@@ -59,10 +59,9 @@ async def answer_or_cancel(request: Request, generation) -> str | None:
         answer.cancel()
 
 
-async def stream_or_timeout(request: Request, generation, ping_every: float | None = None):
-    """the answer's text pieces as they are decoded, None after each `ping_every` seconds without one; a 504
-    Refusal, with the generation cancelled, past the request timeout."""
-    pieces = generation.stream(ping_every)
+async def stream_or_timeout(request: Request, generation, pieces):
+    """`pieces`, the generation's stream (its text, or an upstream's own events), as they come; a 504 Refusal, with
+    the generation cancelled, past the request timeout."""
     try:
         while True:
             try:

@@ -3,12 +3,15 @@ stream or cancel as the kit's own, over one pooled HTTP client for the server's 
 
 Every request goes upstream as a stream, whether its client streams or not: its text arrives as it is generated,
 its usage comes in the last chunk, and closing the connection is how the upstream learns a client hung up (vLLM
-aborts a request whose connection closes).
+aborts a request whose connection closes). A client that streams gets the upstream's own events as they arrive;
+the kit reads only the few it needs.
 """
 
 import asyncio
 import json
 import logging
+import re
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import anyio
@@ -171,8 +174,12 @@ class Upstream:
 
 
 class UpstreamGeneration(StreamedAnswer):
-    """one request answered by the upstream: its text as it streams in, its usage, and `cancel`, which closes the
-    upstream connection at once so the upstream stops generating."""
+    """one request answered by the upstream: its events as they arrive, read as text (`stream`, `text`) or passed on
+    to a streaming client as they are (`relay`); its usage, and `cancel`, which closes the upstream connection at
+    once so the upstream stops generating.
+
+    Only what the kit needs is parsed (the usage, the finish reason, an error): every other event is bytes the kit
+    never decodes, so the kit in front costs the upstream's clients little."""
 
     def __init__(self, chat: UpstreamChat, upstream: Upstream, label: str):
         super().__init__(label)
@@ -180,6 +187,8 @@ class UpstreamGeneration(StreamedAnswer):
         self.completion_tokens = 0
         self._upstream = upstream
         self._text_events = 0
+        self._usage_seen = False
+        self._last_read: dict = {}  # the last event parsed: its id, created and model head a usage chunk made here
         # An anyio scope, not Task.cancel: httpx finishes closing the connection under anyio's shield, so the
         # upstream sees it close, and the pool gets its slot back.
         self._reading = anyio.CancelScope()
@@ -194,44 +203,128 @@ class UpstreamGeneration(StreamedAnswer):
         self._cancelled = True
         self._reading.cancel()
 
+    async def stream(self, ping_every: float | None = None):
+        """the answer as text pieces, as they arrive, and None after each `ping_every` seconds without one."""
+        async with aclosing(super().stream(ping_every)) as pieces:
+            async for piece in pieces:
+                if piece is None:
+                    yield None
+                    continue
+                for event in [piece] if isinstance(piece, dict) else _parsed(piece):
+                    for choice in event.get("choices") or []:
+                        if text := (choice.get("delta") or {}).get("content"):
+                            yield text
+
+    async def relay(self, include_usage: bool, ping_every: float | None = None):
+        """the answer as the upstream's own server-sent events, for a client that streams: None after each
+        `ping_every` seconds without one, the usage only where the client asked for it, then `[DONE]`."""
+        async with aclosing(super().stream(ping_every)) as pieces:
+            async for piece in pieces:
+                if isinstance(piece, dict):  # an event that carries the usage, which the kit always asks for
+                    if not include_usage:
+                        piece = {name: value for name, value in piece.items() if name != "usage"}
+                    if not (piece.get("choices") or include_usage):
+                        continue
+                    piece = _event(piece)
+                yield piece
+        if include_usage and not self._usage_seen:  # an upstream that sent none: the counts the kit made
+            usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                     "total_tokens": self.prompt_tokens + self.completion_tokens}
+            head = {name: self._last_read.get(name) for name in ("id", "object", "created", "model")}
+            yield _event({**head, "choices": [], "usage": usage})
+        yield b"data: [DONE]\n\n"
+
     async def _read(self, response: httpx.Response) -> None:
         try:
             with self._reading:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:") or (data := line[5:].strip()) == "[DONE]":
-                        continue
-                    event = json.loads(data)
-                    if "error" in event:
-                        raise _failure(None, event, status=502)
-                    if usage := event.get("usage"):
-                        self.prompt_tokens, self.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
-                    for choice in event.get("choices") or []:
-                        if text := (choice.get("delta") or {}).get("content"):
-                            self._text_events += 1
-                            self._send(text)
-                        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                held = b""
+                async for chunk in response.aiter_bytes():
+                    received = held + chunk
+                    if b"\r" in received:
+                        received = received.replace(b"\r\n", b"\n")
+                    complete, end, held = received.rpartition(b"\n\n")
+                    if end:
+                        self._take(complete + end)
             if self._reading.cancelled_caught:
                 self._end("cancelled")
                 return
             self._end("stop" if self.finish_reason not in ("stop", "length") else self.finish_reason)
         except UpstreamError as error:
             self._end("error", error)
-        except (httpx.HTTPError, ValueError, KeyError) as error:
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as error:
             logger.warning("The upstream's answer to request %s broke off: %r", self.label or "-", error)
             self._end("error", UpstreamError(502, "The upstream server's answer broke off; try again."))
         finally:
             await response.aclose()  # an answer left unread closes its connection: the upstream aborts the request
 
+    def _take(self, events: bytes) -> None:
+        """queue complete events as they came, after reading the few the kit needs: the usage (queued parsed, for
+        `relay` to keep or drop), the finish reason, `[DONE]` (sent by `relay` itself) and an error (raised)."""
+        # Without the upstream's usage, the text events are the count: most servers stream one token an event.
+        self._text_events += len(_TEXT.findall(events))
+        if not _NEEDED.search(events):
+            self._pass(events)
+            return
+        passed = []
+        try:
+            for event in events.split(b"\n\n")[:-1]:
+                if not _NEEDED.search(event):
+                    passed.append(event + b"\n\n")
+                elif (data := _data(event)) != "[DONE]":
+                    self._note(read := json.loads(data))
+                    if read.get("usage"):
+                        self._pass(b"".join(passed))
+                        self._pass(read)
+                        passed = []
+                    else:
+                        passed.append(event + b"\n\n")
+        finally:
+            self._pass(b"".join(passed))  # the events before an error still reach the client
+
+    def _pass(self, piece: bytes | dict) -> None:
+        if piece:
+            self._pieces.put_nowait(piece)  # this loop's own queue: no thread to wake
+
+    def _note(self, event: dict) -> None:
+        """what the kit keeps of an event it parsed: the usage and the finish reason; an error is raised."""
+        if "error" in event:
+            raise _failure(None, event, status=502)
+        self._last_read = event
+        if usage := event.get("usage"):
+            self.prompt_tokens, self.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+            self._usage_seen = True
+        for choice in event.get("choices") or []:
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+
     def _end(self, reason: str, error: Exception | None = None) -> None:
         self.state, self.finish_reason = "done", reason
-        # Without the upstream's usage (no last chunk yet, or none sent), count the text events: most servers
-        # stream one token an event.
         self.completion_tokens = self.completion_tokens or self._text_events
         self._upstream.forget(self)
         if error is None:
             self._end_stream()
         else:
             self._send(error)
+
+
+# What the kit reads in an upstream's events: keys JSON never writes unquoted inside a string, so text that only
+# mentions them does not match. An event without them passes on unread.
+_NEEDED = re.compile(rb'"(?:error|prompt_tokens)"\s*:|"finish_reason"\s*:\s*"|\[DONE\]')
+_TEXT = re.compile(rb'"content"\s*:\s*"[^"]')
+
+
+def _data(event: bytes) -> str:
+    """the data of one server-sent event (its `data:` lines), as text."""
+    return "\n".join(line[5:].decode().strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+
+
+def _parsed(events: bytes) -> list[dict]:
+    """the JSON events among complete server-sent events."""
+    return [json.loads(data) for event in events.split(b"\n\n") if (data := _data(event)) and data != "[DONE]"]
+
+
+def _event(chunk: dict) -> bytes:
+    """one chunk as a server-sent event."""
+    return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
 
 
 def _present(options: dict) -> dict:
