@@ -1,14 +1,16 @@
-"""Measure the chat API against raw `model.generate`, and against `transformers serve` where it runs; or, with a
-vLLM server, the kit in front of it (`serve --upstream`) against vLLM direct.
+"""Measure the kit's server against raw `model.generate` at each dtype, with one core kept busy by another
+process, and against vLLM's CPU build where it is installed; or, with --upstream, the kit in front of vLLM
+(`serve --upstream`) against vLLM direct.
 
     python benchmarks/serve_benchmark.py                      # SmolLM2, 64 new tokens, greedy
     python benchmarks/serve_benchmark.py --model tiny-qwen2   # a quick dry run
-    python benchmarks/serve_benchmark.py --vllm-python VENV/bin/python   # starts vLLM's CPU build on the model
+    python benchmarks/serve_benchmark.py --vllm-python VENV/bin/python    # vLLM as a peer, started on the model
     python benchmarks/serve_benchmark.py --vllm-url http://127.0.0.1:8000  # a vLLM already running
+    python benchmarks/serve_benchmark.py --upstream --vllm-python VENV/bin/python
 
 Prints a table and writes benchmarks/results/serve_benchmark.png and .json (serve_benchmark_upstream.json with
-vLLM). Each raw measurement runs in a fresh process, so its peak memory is its own. Loopback only; every loop is
-bounded.
+--upstream). Each raw measurement runs in a fresh process, so its peak memory is its own. Loopback only; every loop
+and the busy process are bounded.
 """
 
 import argparse
@@ -23,60 +25,72 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
 
 PROMPTS = [f"Write a short poem about the number {n}." for n in range(16)]
 HERE = Path(__file__).parent
+DTYPES = ("float32", "bfloat16")
+BUSY_CONCURRENCY = (1, 8)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
     parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--vllm-url", help="a running vLLM server's root URL: measure the kit in front of it")
-    parser.add_argument("--vllm-python", type=Path,
-                        help="the Python of a venv with vLLM: start its OpenAI server on the model, then measure")
-    parser.add_argument("--raw-batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--vllm-url", help="a running vLLM server's root URL")
+    parser.add_argument("--vllm-python", type=Path, help="the Python of a venv with vLLM: start its OpenAI server "
+                                                         "on the model")
+    parser.add_argument("--upstream", action="store_true", help="measure the kit in front of vLLM instead")
+    parser.add_argument("--raw", nargs=2, metavar=("DTYPE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.raw_batch:
-        print(json.dumps(raw_generate(args.model, args.raw_batch, args.new_tokens)))
+    if args.raw:
+        print(json.dumps(raw_generate(args.model, args.raw[0], int(args.raw[1]), args.new_tokens)))
         return
-    if args.vllm_url or args.vllm_python:
+    if args.upstream:
         measure_upstream(args)
         return
-    print("the kit in front of vLLM: no --vllm-url or --vllm-python, skipped")
 
-    results = {"model": args.model, "new_tokens": args.new_tokens, "raw": {}, "server": {}, "transformers_serve": {}}
-    for batch in sorted({1, *args.concurrency}):
-        results["raw"][batch] = in_fresh_process(args, batch)
-        print(f"raw generate, batch {batch}: {results['raw'][batch]['tokens_per_s']:.1f} tok/s", flush=True)
+    results = {"model": args.model, "new_tokens": args.new_tokens, "cpus": os.cpu_count(), "rows": {}}
+    rows = results["rows"]
+    for dtype in DTYPES:
+        rows[f"raw generate, {dtype}"] = {batch: in_fresh_process(args, dtype, batch) for batch in args.concurrency}
+    with served([sys.executable, "-m", "tutorial_api", "serve", "--model", args.model, "--dtype", "float32"]) as (url, _):
+        rows["kit, float32"] = measure(url, args, args.concurrency)
     with served([sys.executable, "-m", "tutorial_api", "serve", "--model", args.model]) as (url, pid):
-        for concurrency in args.concurrency:
-            results["server"][concurrency] = load(url, args.model, concurrency, args.rounds, args.new_tokens)
-            print(f"server, concurrency {concurrency}: {results['server'][concurrency]['tokens_per_s']:.1f} tok/s",
-                  flush=True)
-        results["server_peak_rss_mb"] = peak_rss_mb(pid)
-    results["transformers_serve"] = measure_transformers_serve(args)
+        auto = requests.get(f"{url}/health", timeout=10).json().get("dtype", "?")
+        rows[f"kit, auto ({auto})"] = measure(url, args, args.concurrency)
+        results["kit_peak_rss_mb"] = peak_rss_mb(pid)
+        with one_core_busy():
+            rows[f"kit, auto ({auto}), one core busy"] = measure(url, args, BUSY_CONCURRENCY)
+    if args.vllm_url or args.vllm_python:
+        with vllm_server(args) as url:
+            model = requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+            rows["vLLM CPU, bfloat16"] = measure(url, args, args.concurrency, model)
+            with one_core_busy():
+                rows["vLLM CPU, bfloat16, one core busy"] = measure(url, args, BUSY_CONCURRENCY, model)
+    else:
+        print("vLLM: no --vllm-url or --vllm-python, skipped")
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_benchmark.json").write_text(json.dumps(results, indent=1))
-    report(results)
+    report(results, args.concurrency)
     plot(results, args.out / "serve_benchmark.png")
 
 
-def raw_generate(model_name: str, batch: int, new_tokens: int) -> dict:
+def raw_generate(model_name: str, dtype: str, batch: int, new_tokens: int) -> dict:
     """tokens/s of one left-padded greedy `generate` call, after a warm-up, and this process's peak RSS."""
     import torch
 
     from tutorial_api import load_model
     from tutorial_api.chat import build_messages
 
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, dtype=dtype)
     tokenizer.padding_side = "left"
     prompts = [tokenizer.apply_chat_template(build_messages(p), add_generation_prompt=True, return_dict=True)["input_ids"]
                for p in (PROMPTS * batch)[:batch]]
@@ -92,11 +106,41 @@ def raw_generate(model_name: str, batch: int, new_tokens: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def in_fresh_process(args, batch: int) -> dict:
+def in_fresh_process(args, dtype: str, batch: int) -> dict:
     command = [sys.executable, __file__, "--model", args.model, "--new-tokens", str(args.new_tokens),
-               "--raw-batch", str(batch)]
+               "--raw", dtype, str(batch)]
     output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=900).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    measured = json.loads(output.strip().splitlines()[-1])
+    print(f"raw generate, {dtype}, batch {batch}: {measured['tokens_per_s']:.1f} tok/s", flush=True)
+    return measured
+
+
+def measure(url: str, args, levels, model: str | None = None) -> dict:
+    """`load` at each concurrency in `levels`, after one warm-up request."""
+    model = model or args.model
+    load(url, model, 1, 1, args.new_tokens)
+    measured = {}
+    for concurrency in levels:
+        measured[concurrency] = load(url, model, concurrency, args.rounds, args.new_tokens)
+        print(f"{url}, concurrency {concurrency}: {measured[concurrency]['tokens_per_s']:.1f} tok/s, first token "
+              f"p50 {measured[concurrency]['first_token_p50_s'] * 1000:.0f} ms", flush=True)
+    return measured
+
+
+@contextmanager
+def one_core_busy(limit_s: float = 900):
+    """another process spinning on the last CPU core (a notebook computing, another student's job), stopped on
+    exit and in any case after `limit_s` seconds."""
+    spin = f"import time\nend = time.monotonic() + {limit_s}\nwhile time.monotonic() < end:\n    pass\n"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(busy.pid, {max(os.sched_getaffinity(0))})
+    try:
+        time.sleep(1)
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 class served:
@@ -187,30 +231,6 @@ def stream_one(url: str, model: str, prompt: str, new_tokens: int) -> tuple[floa
     return time.perf_counter() - started, first_token or 0.0, count
 
 
-def measure_transformers_serve(args) -> dict:
-    """`transformers serve --continuous-batching` on the same weights, at concurrency 1 and 8."""
-    if shutil.which("transformers") is None:
-        print("transformers serve: not installed, skipped")
-        return {}
-    folder = Path(tempfile.mkdtemp(prefix="benchmark-model-"))
-    try:
-        model_folder(args.model, folder)
-        command = ["transformers", "serve", str(folder), "--continuous-batching", "--device", "cpu",
-                   "--dtype", "float32", "--host", "127.0.0.1"]
-        with served(command) as (url, _):
-            measured = {}
-            for concurrency in [c for c in (1, 8) if c in args.concurrency]:
-                measured[concurrency] = load(url, str(folder), concurrency, args.rounds, args.new_tokens)
-                print(f"transformers serve, concurrency {concurrency}: "
-                      f"{measured[concurrency]['tokens_per_s']:.1f} tok/s", flush=True)
-            return measured
-    except (RuntimeError, requests.RequestException) as error:
-        print(f"transformers serve: failed, skipped ({str(error).splitlines()[0]})")
-        return {}
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def measure_upstream(args) -> None:
     """the kit in upstream mode against vLLM direct: tokens/s at each concurrency, first-token time, and how soon
     vLLM stops a request whose client hung up (its own `vllm:num_requests_running`)."""
@@ -286,7 +306,7 @@ def vllm_running(vllm_url: str) -> float:
 
 
 def model_folder(model_name: str, folder: Path) -> None:
-    """one folder with the weights and the tokenizer, as `transformers serve` wants them."""
+    """one folder with the weights and the tokenizer, as vLLM wants them."""
     from tutorial_api import load_model
 
     model, tokenizer = load_model(model_name)
@@ -313,21 +333,24 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def report(results: dict) -> None:
-    raw, server, peer = results["raw"], results["server"], results["transformers_serve"]
-    print(f"\n{results['model']}, {results['new_tokens']} new tokens, greedy, on {os.cpu_count()} CPU cores")
-    print(f"{'C':>3} {'raw tok/s':>10} {'server tok/s':>13} {'ratio':>6} {'p50 s':>6} {'p95 s':>6} "
-          f"{'TTFT p50':>9} {'health p99 ms':>14} {'tf serve tok/s':>15}")
-    for c, s in server.items():
-        peer_rate = f"{peer[c]['tokens_per_s']:.1f}" if c in peer else "-"
-        print(f"{c:>3} {raw[c]['tokens_per_s']:>10.1f} {s['tokens_per_s']:>13.1f} "
-              f"{s['tokens_per_s'] / raw[c]['tokens_per_s']:>6.2f} {s['latency_p50_s']:>6.2f} {s['latency_p95_s']:>6.2f} "
-              f"{s['first_token_p50_s']:>9.3f} {s['health_p99_ms']:>14.1f} {peer_rate:>15}")
-    for c in peer:
-        print(f"server / transformers serve at C={c}: {server[c]['tokens_per_s'] / peer[c]['tokens_per_s']:.2f}")
-    largest = max(raw)
-    print(f"memory: server peak {results['server_peak_rss_mb']:.0f} MB, raw batch-{largest} peak "
-          f"{raw[largest]['peak_rss_mb']:.0f} MB, ratio {results['server_peak_rss_mb'] / raw[largest]['peak_rss_mb']:.2f}")
+def report(results: dict, levels) -> None:
+    """one line per row: tokens/s and first-token p50 at each concurrency, then the ratios the targets name."""
+    rows = results["rows"]
+    print(f"\n{results['model']}, {results['new_tokens']} new tokens, greedy, on {results['cpus']} CPU cores")
+    print(f"{'':<40}" + "".join(f"{f'C={c} tok/s':>12}{'TTFT ms':>9}" for c in levels))
+    for name, row in rows.items():
+        cells = "".join(f"{row[c]['tokens_per_s']:>12.1f}{row[c].get('first_token_p50_s', float('nan')) * 1000:>9.0f}"
+                        if c in row else f"{'-':>12}{'-':>9}" for c in levels)
+        print(f"{name:<40}{cells}")
+    kit = next(name for name in rows if name.startswith("kit, auto") and not name.endswith("busy"))
+    dtype = kit[kit.index("(") + 1:-1]
+    compared = [(f"raw generate, {dtype}", kit), (kit + ", one core busy", kit), ("vLLM CPU, bfloat16", kit)]
+    for other, mine in compared:
+        if other in rows:
+            ratios = ", ".join(f"C={c} {rows[mine][c]['tokens_per_s'] / rows[other][c]['tokens_per_s']:.2f}"
+                               for c in levels if c in rows[mine] and c in rows[other])
+            print(f"{mine} / {other}: {ratios}")
+    print(f"memory: the kit's server peak {results['kit_peak_rss_mb']:.0f} MB")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -336,22 +359,19 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    server, raw, peer = results["server"], results["raw"], results["transformers_serve"]
-    levels = list(server)
-    figure, (rates, delays) = plt.subplots(1, 2, figsize=(11, 4))
-    rates.plot(levels, [server[c]["tokens_per_s"] for c in levels], "o-", label="tutorial_api server")
-    rates.plot(levels, [raw[c]["tokens_per_s"] for c in levels], "s--", label="raw generate (batch = C)")
-    if peer:
-        rates.plot(list(peer), [peer[c]["tokens_per_s"] for c in peer], "^:", label="transformers serve --cb")
-    rates.set(xlabel="concurrent clients", ylabel="tokens/s (all clients)", title="Throughput")
-    delays.plot(levels, [server[c]["latency_p50_s"] for c in levels], "o-", label="latency p50")
-    delays.plot(levels, [server[c]["latency_p95_s"] for c in levels], "o--", label="latency p95")
-    delays.plot(levels, [server[c]["first_token_p50_s"] for c in levels], "x-", label="first token p50")
-    delays.set(xlabel="concurrent clients", ylabel="seconds", title="Latency")
+    figure, (rates, delays) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, row in results["rows"].items():
+        style = "--" if name.startswith("raw") else ":" if name.endswith("busy") else "-"
+        levels = list(row)
+        rates.plot(levels, [row[c]["tokens_per_s"] for c in levels], "o" + style, label=name)
+        if "first_token_p50_s" in row[levels[0]]:
+            delays.plot(levels, [row[c]["first_token_p50_s"] * 1000 for c in levels], "o" + style, label=name)
+    rates.set(xlabel="concurrent clients (raw: batch size)", ylabel="tokens/s (all clients)", title="Throughput")
+    delays.set(xlabel="concurrent clients", ylabel="ms", title="Time to first token, p50")
     for axes in (rates, delays):
-        axes.legend()
+        axes.legend(fontsize=7)
         axes.grid(alpha=0.3)
-    figure.suptitle(f"{results['model']}, {results['new_tokens']} new tokens, greedy")
+    figure.suptitle(f"{results['model']}, {results['new_tokens']} new tokens, greedy, {results['cpus']} CPU cores")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
