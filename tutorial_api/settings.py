@@ -78,11 +78,11 @@ class Settings:
 
     model: str = _setting(DEFAULT_MODEL, "TUTORIAL_API_MODEL", "--model",
                           "a preset (listed below), a hub id or a local folder")
-    host: str = _setting(DEFAULT_HOST, "TUTORIAL_API_HOST", "--host",
-                         "address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 shares it on the network")
     dtype: str = _setting("auto", "TUTORIAL_API_DTYPE", "--dtype",
                           "the number format the model computes in: auto is bfloat16 on a CPU with native bf16 "
                           "(AVX512-BF16, AMX), float32 on other CPUs, the model's own on a GPU", valid=_DTYPE)
+    host: str = _setting(DEFAULT_HOST, "TUTORIAL_API_HOST", "--host",
+                         "address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 shares it on the network")
     port: int = _setting(DEFAULT_PORT, "TUTORIAL_API_PORT", "--port", "port (0 picks a free one)", int,
                          valid=_between(0, 65535))
     api_keys: tuple[str, ...] = _setting(
