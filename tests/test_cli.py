@@ -21,7 +21,8 @@ def free_port() -> int:
 def test_serve_listens_on_loopback_answers_and_stops_on_ctrl_c():
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tutorial_api", "serve", "--model", "tiny-qwen2", "--port", str(port)],
+        [sys.executable, "-m", "tutorial_api", "serve", "--model", "tiny-qwen2", "--port", str(port), "--dtype",
+         "bfloat16"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -33,7 +34,7 @@ def test_serve_listens_on_loopback_answers_and_stops_on_ctrl_c():
             except requests.ConnectionError:
                 assert server.poll() is None, server.stdout.read()
                 time.sleep(0.2)
-        assert health.json()["model"] == "tiny-qwen2"
+        assert (health.json()["model"], health.json()["dtype"]) == ("tiny-qwen2", "bfloat16")
         answer = requests.post(f"http://127.0.0.1:{port}", json={"prompt": "你好", "history": [], "max_length": 60})
         assert answer.json()["history"][0][0] == "你好"
         server.send_signal(signal.SIGINT)
@@ -43,6 +44,7 @@ def test_serve_listens_on_loopback_answers_and_stops_on_ctrl_c():
     assert server.returncode == 0
     assert f"http://127.0.0.1:{port}" in output
     assert "Shutting down" in output
+    assert "Model tiny-qwen2 is ready, computing in bfloat16 on cpu" in output
     assert "tutorial_api.requests: id=" in output and "method=POST path=/ status=200" in output
     assert '"POST / HTTP/1.1"' not in output  # the kit's line replaces uvicorn's access log
 
@@ -82,12 +84,14 @@ def test_flags_set_the_settings_and_replace_the_environment(served, monkeypatch)
     monkeypatch.setenv("TUTORIAL_API_PORT", "not-a-port")  # a flag replaces it, so it is never read
     port = free_port()
     main(["serve", "--model", "tiny-qwen2", "--port", str(port), "--api-key", "alice:aaa", "--api-key", "bbb",
-          "--max-new-tokens", "64", "--request-timeout", "30", "--cors-origin", "http://localhost:3000"])
+          "--max-new-tokens", "64", "--request-timeout", "30", "--cors-origin", "http://localhost:3000",
+          "--dtype", "float16", "--answer-tokens", "128"])
     [(app, host, bound)] = served
     settings = app.state.settings
     assert (host, bound, settings.port, settings.model) == ("127.0.0.1", port, port, "tiny-qwen2")
     assert [key.name for key in app.state.keys] == ["alice", "key2"]
     assert (settings.max_new_tokens, settings.request_timeout, settings.cors_origins) == (64, 30.0, ("http://localhost:3000",))
+    assert (settings.dtype, settings.answer_tokens) == ("float16", 128)
     main(["serve", "--model", "tiny-qwen2", "--port", "0"])
     assert [key.name for key in served[1][0].state.keys] == ["from-env"]
     assert served[1][0].state.settings.max_new_tokens == 99
@@ -149,6 +153,8 @@ def test_a_bad_setting_stops_serve_before_loading_naming_the_flag_and_the_variab
     assert "--max-batch-size" in result.stderr and "Traceback" not in result.stderr
     with pytest.raises(SystemExit, match=r"max_batch_size must be .* --max-batch-size or \$TUTORIAL_API_MAX_BATCH_SIZE"):
         main(["serve", "--model", "tiny-qwen2", "--port", "0", "--max-batch-size", "0"])
+    with pytest.raises(SystemExit, match=r"dtype must be .* bfloat16, float16, not 'bf16' .* --dtype or \$TUTORIAL_API_DTYPE"):
+        main(["serve", "--model", "tiny-qwen2", "--port", "0", "--dtype", "bf16"])
     assert not served
 
 
@@ -160,7 +166,8 @@ def test_serve_on_a_busy_port_says_so_before_loading_the_model(tmp_path):
         with pytest.raises(PortInUse) as expected:
             bind("127.0.0.1", port, another_port="--port {}")
         result = subprocess.run(
-            [sys.executable, "-m", "tutorial_api", "serve", "--model", "tiny-qwen2", "--port", str(port)],
+            [sys.executable, "-m", "tutorial_api", "serve", "--model", "tiny-qwen2", "--port", str(port), "--dtype",
+         "bfloat16"],
             env={**os.environ, "TUTORIAL_API_CACHE": str(tmp_path / "cache")},
             capture_output=True, text=True, timeout=60,
         )

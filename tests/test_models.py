@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tutorial_api import PRESETS, ModelNotAvailable, load_model
-from tutorial_api.models import context_length
+from tutorial_api.models import _placement, choose_dtype, context_length
 
 
 def test_presets_cover_the_offline_models_and_the_qwen_family():
@@ -34,10 +34,74 @@ def test_tiny_qwen2_leaves_the_global_random_state_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_cpu_defaults_to_float32_and_dtype_can_be_overridden(tiny):
-    assert tiny[0].dtype == torch.float32
+X86_WITH_BF16 = {"architecture": "x86_64", "avx512_f": True, "avx512_bf16": True, "amx_bf16": False}
+X86_WITHOUT_BF16 = {"architecture": "x86_64", "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}
+X86_WITH_AMX = {"architecture": "x86_64", "avx512_f": True, "avx512_bf16": False, "amx_bf16": True}
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """make torch report this CPU's capabilities as given: `cpu(X86_WITH_BF16)`."""
+    monkeypatch.delenv("TUTORIAL_API_DTYPE", raising=False)
+    return lambda capabilities: monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+
+
+@pytest.mark.parametrize(("capabilities", "expected"), [
+    (X86_WITH_BF16, torch.bfloat16), (X86_WITH_AMX, torch.bfloat16), (X86_WITHOUT_BF16, torch.float32)])
+def test_auto_computes_in_bf16_exactly_where_torch_finds_native_bf16_on_the_cpu(cpu, capabilities, expected):
+    cpu(capabilities)
+    model, _ = load_model("tiny-qwen2", device="cpu")
+    assert model.dtype == expected
+    assert load_model("tiny-qwen2", device="cpu", dtype="auto")[0].dtype == expected
+
+
+@pytest.mark.parametrize("acl", [True, False])
+def test_on_arm_auto_wants_the_bf16_extension_and_torchs_arm_kernels_for_it(cpu, monkeypatch, acl):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_acl_supported", lambda: acl)
+    cpu({"architecture": "arm64", "neon": True, "bf16": True})
+    assert choose_dtype("auto", "cpu") == (torch.bfloat16 if acl else torch.float32)
+    cpu({"architecture": "arm64", "neon": True, "bf16": False})
+    assert choose_dtype("auto", "cpu") == torch.float32
+
+
+@pytest.mark.parametrize("capabilities", [X86_WITH_BF16, X86_WITHOUT_BF16])
+def test_an_explicit_dtype_wins_over_auto_as_a_string_a_torch_dtype_or_the_environment(cpu, monkeypatch,
+                                                                                        capabilities):
+    cpu(capabilities)
+    assert load_model("tiny-qwen2", dtype="float32")[0].dtype == torch.float32
+    assert load_model("tiny-qwen2", dtype=torch.bfloat16)[0].dtype == torch.bfloat16
+    assert load_model("tiny-qwen2", dtype="float16")[0].dtype == torch.float16
+    monkeypatch.setenv("TUTORIAL_API_DTYPE", "float16")
+    assert load_model("tiny-qwen2")[0].dtype == torch.float16
+    assert load_model("tiny-qwen2", dtype="auto")[0].dtype == choose_dtype("auto", "cpu")
+
+
+@pytest.mark.parametrize(("own", "gpu_has_bf16", "expected"), [
+    (torch.bfloat16, True, torch.bfloat16), (torch.bfloat16, False, torch.float16),
+    (torch.float16, True, torch.float16), (torch.float32, True, torch.float32), (torch.float32, False, torch.float32),
+])
+def test_on_a_gpu_auto_keeps_the_models_own_dtype_with_fp16_where_bf16_is_missing(cpu, monkeypatch, own,
+                                                                                  gpu_has_bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: gpu_has_bf16)
+    cpu(X86_WITH_BF16)  # the host CPU has no say on a GPU
+    assert choose_dtype("auto", "cuda", own) == choose_dtype("auto", "cuda:1", own) == expected
+    assert choose_dtype(torch.float32, "cuda", own) == torch.float32
+    for named_in_config in (own, str(own).removeprefix("torch.")):  # a config read from JSON names it as text
+        config = Qwen2Config(dtype=named_in_config)
+        assert _placement("cuda", "auto").pretrained_kwargs(config) == {"dtype": expected, "device_map": "auto"}
+
+
+def test_bf16_keeps_the_rotary_frequencies_in_fp32_as_transformers_own_loading_does():
+    """casting a loaded model with .to(bfloat16) would round them too, and blur the positions of long prompts."""
     model, _ = load_model("tiny-qwen2", dtype="bfloat16")
-    assert model.dtype == torch.bfloat16
+    assert model.dtype == torch.bfloat16 and model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "bf16", "float64", ""])
+def test_a_bad_dtype_is_refused_naming_the_flag_and_the_variable(dtype):
+    with pytest.raises(ValueError) as refused:
+        load_model("tiny-qwen2", dtype=dtype)
+    assert all(name in str(refused.value) for name in ("--dtype", "$TUTORIAL_API_DTYPE", repr(dtype), "bfloat16"))
 
 
 def test_environment_variable_sets_the_default_model(monkeypatch):
@@ -97,7 +161,7 @@ def test_context_length_comes_from_the_config(tiny):
 def test_offline_default_is_smollm2(smollm2):
     model, tokenizer = smollm2
     assert isinstance(model, LlamaForCausalLM)
-    assert model.dtype == torch.float32
+    assert model.dtype == choose_dtype("auto", "cpu")
     assert context_length(model, tokenizer) == 8192
 
 

@@ -2,8 +2,10 @@
 
 import pytest
 import requests
+import torch
 
-from tutorial_api import chat, create_app, start_server
+from tutorial_api import chat, create_app, load_model, start_server
+from tutorial_api.models import cpu_has_native_bf16
 
 pytestmark = pytest.mark.real_model
 
@@ -24,3 +26,20 @@ def test_served_on_the_tutorials_port_with_the_tutorials_request():
     body = answer.json()
     assert "Paris" in body["response"]
     assert body["history"] == [["What is the capital of France?", body["response"]]]
+
+
+# English and Chinese prompts whose greedy answers, 32 tokens long, bf16 leaves word for word as they are in fp32.
+SAME_IN_BF16 = ["What is the capital of France?", "What is 2 + 2?", "Give me three tips for learning Python.",
+                "Write a haiku about the sea.", "你好", "用一句话介绍一下你自己。", "中国的首都是哪里？"]
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16, so dtype auto computes in float32 "
+                                                      "here: there is no bf16 answer of the default to compare")
+def test_the_default_models_greedy_answers_in_bf16_equal_its_answers_in_fp32():
+    answers = {}
+    for dtype in ("float32", "bfloat16"):
+        model, tokenizer = load_model("smollm2-135m", dtype=dtype)
+        assert model.dtype == getattr(torch, dtype)
+        answers[dtype] = [chat(model, tokenizer, prompt, temperature=0, max_new_tokens=32)[0] for prompt in SAME_IN_BF16]
+    assert answers["bfloat16"] == answers["float32"]
+    assert all(answers["float32"])

@@ -33,6 +33,7 @@ def test_defaults_keep_the_tutorials_server_open_and_on_this_machine(monkeypatch
     settings = Settings()
     assert (settings.host, settings.port, settings.api_keys, settings.cors_origins) == ("127.0.0.1", 6006, (), ())
     assert settings.max_body_bytes == 1_000_000 and settings.max_new_tokens is None
+    assert (settings.dtype, settings.answer_tokens) == ("auto", 512)
 
 
 @pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True),
@@ -53,6 +54,7 @@ def test_a_client_reaches_a_wildcard_host_on_loopback(monkeypatch):
     ("port", "6006"), ("max_batch_size", True), ("max_batch_size", 2.5), ("request_timeout", 0),
     ("request_timeout", float("nan")), ("host", None), ("api_key_file", 3),
     ("upstream", "http://gpu-server:8000"), ("upstream", "ftp://gpu-server/v1"), ("upstream", "gpu-server:8000/v1"),
+    ("dtype", "bf16"), ("dtype", "float64"), ("dtype", None), ("answer_tokens", 0), ("answer_tokens", None),
 ])
 def test_a_bad_value_is_refused_when_built_naming_the_flag_and_the_variable(name, value):
     about = next(setting.metadata for setting in fields(Settings) if setting.name == name)
@@ -63,7 +65,8 @@ def test_a_bad_value_is_refused_when_built_naming_the_flag_and_the_variable(name
 
 
 @pytest.mark.parametrize(("env", "text"), [("TUTORIAL_API_PORT", "abc"), ("TUTORIAL_API_MAX_BATCH_SIZE", "0"),
-                                           ("TUTORIAL_API_REQUEST_TIMEOUT", "soon"), ("TUTORIAL_API_PORT", "99999")])
+                                           ("TUTORIAL_API_REQUEST_TIMEOUT", "soon"), ("TUTORIAL_API_PORT", "99999"),
+                                           ("TUTORIAL_API_DTYPE", "fp16"), ("TUTORIAL_API_ANSWER_TOKENS", "0")])
 def test_a_bad_environment_variable_is_refused_naming_itself_and_its_flag(monkeypatch, env, text):
     monkeypatch.setenv(env, text)
     flag = next(setting.metadata["flag"] for setting in fields(Settings) if setting.metadata["env"] == env)
@@ -74,8 +77,9 @@ def test_a_bad_environment_variable_is_refused_naming_itself_and_its_flag(monkey
 
 def test_good_values_are_kept_in_the_settings_own_types():
     settings = Settings(port=0, max_history_turns=0, request_timeout=2, api_key_file="keys.txt",
-                        api_keys="alice:one", cors_origins=["http://localhost:3000"])
+                        api_keys="alice:one", cors_origins=["http://localhost:3000"], dtype="bfloat16")
     assert (settings.port, settings.max_history_turns, settings.request_timeout) == (0, 0, 2.0)
+    assert settings.dtype == "bfloat16"
     assert settings.api_key_file == Path("keys.txt") and settings.api_keys == ("alice:one",)
     assert settings.cors_origins == ("http://localhost:3000",)
 

@@ -38,8 +38,9 @@ a request's `model` field may name it or anything else.
 def create_app(model=None, settings: Settings | None = None, *, device=None, dtype=None, **overrides) -> FastAPI:
     """the FastAPI app serving `model`: a preset, hub id or folder (default: the settings' model), or a
     `(model, tokenizer)` pair already loaded. `settings` default to the environment's; `overrides` change any of
-    their fields, e.g. `create_app("tiny-qwen2", api_keys=["alice:s3cret"], max_new_tokens=64)`. With an
-    `upstream` (`create_app(upstream="http://gpu-server:8000/v1")`) no model is loaded: that server generates."""
+    their fields, e.g. `create_app("tiny-qwen2", api_keys=["alice:s3cret"], max_new_tokens=64)`, and `dtype` may be
+    a torch dtype too. With an `upstream` (`create_app(upstream="http://gpu-server:8000/v1")`) no model is loaded:
+    that server generates."""
     settings = replace(settings or Settings(), **overrides)
     loaded = model if isinstance(model, tuple) else None
     model_name = (loaded[0].name_or_path or type(loaded[0]).__name__) if loaded else model or settings.model
@@ -59,10 +60,12 @@ def create_app(model=None, settings: Settings | None = None, *, device=None, dty
             return
         logger.info("Loading model %s", model_name)
         loaded_model, tokenizer = loaded or await asyncio.to_thread(
-            load_model, model_name, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code)
+            load_model, model_name, device=device, dtype=settings.dtype if dtype is None else dtype,
+            trust_remote_code=settings.trust_remote_code)
         app.state.engine = Engine(loaded_model, tokenizer, max_batch_size=settings.max_batch_size,
                                   max_waiting=settings.max_waiting)
-        logger.info("Model %s is ready", model_name)
+        app.state.dtype = str(loaded_model.dtype).removeprefix("torch.")
+        logger.info("Model %s is ready, computing in %s on %s", model_name, app.state.dtype, loaded_model.device)
         try:
             yield
         finally:
@@ -70,6 +73,7 @@ def create_app(model=None, settings: Settings | None = None, *, device=None, dty
 
     app = FastAPI(title="tutorial_api", description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.model_name = model_name
+    app.state.dtype = None  # the kit's own engine's, once loaded; an upstream server keeps its own
     app.state.settings = settings
     app.state.keys = keys_from(settings)
     app.state.slots = Slots(settings.max_concurrent_per_key) if settings.max_concurrent_per_key else None
@@ -111,5 +115,5 @@ async def _health(request: Request):
     engine = request.app.state.engine
     problem = await engine.health()
     health = Health(status="unavailable" if problem else "ok", model=request.app.state.model_name,
-                    active_requests=engine.active, reason=problem)
+                    dtype=request.app.state.dtype, active_requests=engine.active, reason=problem)
     return JSONResponse(health.model_dump(exclude_none=True), 503) if problem else health

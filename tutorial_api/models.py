@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 from transformers.utils import logging as transformers_logging
 
 from tutorial_api import model_cache
 from tutorial_api.download import downloaded
-from tutorial_api.settings import DEFAULT_MODEL, Settings
+from tutorial_api.settings import DEFAULT_MODEL, DTYPES, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +46,14 @@ class ModelNotAvailable(RuntimeError):
 def load_model(name=None, *, device=None, dtype=None, trust_remote_code=None):
     """load `(model, tokenizer)` by preset name, hub id, local folder or .gguf file.
 
-    `name` defaults to $TUTORIAL_API_MODEL and `trust_remote_code` to $TUTORIAL_API_TRUST_REMOTE_CODE. A hub model
-    fetched beforehand with `python -m tutorial_api download NAME` loads offline.
+    `name` defaults to $TUTORIAL_API_MODEL, `dtype` to $TUTORIAL_API_DTYPE (else "auto", see `choose_dtype`) and
+    `trust_remote_code` to $TUTORIAL_API_TRUST_REMOTE_CODE. A hub model fetched beforehand with
+    `python -m tutorial_api download NAME` loads offline.
     """
     settings = Settings()
     name = name or settings.model
     trust_remote_code = settings.trust_remote_code if trust_remote_code is None else trust_remote_code
-    placement = _placement(device, dtype)
+    placement = _placement(device, settings.dtype if dtype is None else dtype)
     path = Path(name).expanduser()
     if name == "smollm2-135m":
         return _load_gguf(_smollm2_gguf(), placement)
@@ -71,6 +72,31 @@ def load_model(name=None, *, device=None, dtype=None, trust_remote_code=None):
         with _without_progress_bars():
             return _from_pretrained(str(folder), placement, trust_remote_code, shown_as=repository)
     return _from_hub(repository, placement, trust_remote_code)  # a download's progress bar is worth seeing
+
+
+def choose_dtype(requested, device: str, model_dtype: torch.dtype | None = None) -> torch.dtype:
+    """the dtype a model computes in on `device`: `requested` itself, unless it is "auto": then bf16 on a CPU with
+    native bf16 and fp32 on other CPUs; on a GPU the weights' own `model_dtype` (as transformers' dtype="auto"
+    does), fp16 for a bf16 model on a GPU without bf16."""
+    if requested != "auto":
+        return requested
+    if device == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    if model_dtype == torch.bfloat16 and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return model_dtype
+
+
+def cpu_has_native_bf16() -> bool:
+    """whether torch finds bf16 arithmetic among this CPU's instructions: AVX512-BF16 or AMX-BF16 on x86; on ARM the
+    BF16 extension, where torch has the Arm Compute Library's kernels to use it (Linux builds, Graviton3 and later).
+    Without them torch emulates bf16, slower than fp32."""
+    if not hasattr(torch.cpu, "get_capabilities"):  # torch before 2.11: its x86 probes alone
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    capabilities = torch.cpu.get_capabilities()
+    if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"):
+        return True
+    return bool(capabilities.get("bf16")) and torch.ops.mkldnn._is_mkldnn_acl_supported()
 
 
 @contextmanager
@@ -115,25 +141,30 @@ def context_length(model, tokenizer) -> int:
 
 @dataclass(frozen=True)
 class _Placement:
-    """where the weights go: bf16 (or fp16) spread with device_map="auto" on CUDA, fp32 on the CPU."""
+    """where the weights go (spread with device_map="auto" on CUDA), and the dtype asked for: a torch dtype or
+    "auto"."""
 
     device: str
-    dtype: torch.dtype
+    dtype: torch.dtype | str
 
-    @property
-    def pretrained_kwargs(self) -> dict:
+    def pretrained_kwargs(self, config) -> dict:
+        """`from_pretrained`'s arguments for a model with this config: the dtype is settled before loading, so that
+        transformers casts the weights as it reads them and keeps the buffers that must stay fp32 in fp32."""
+        own = getattr(config, "dtype", None) or torch.float32  # torch's default where the config names none
+        dtype = choose_dtype(self.dtype, self.device, getattr(torch, own) if isinstance(own, str) else own)
         if self.device == "cpu":
-            return {"dtype": self.dtype}
-        return {"dtype": self.dtype, "device_map": "auto" if self.device == "cuda" else self.device}
+            return {"dtype": dtype}
+        return {"dtype": dtype, "device_map": "auto" if self.device == "cuda" else self.device}
 
 
 def _placement(device, dtype) -> _Placement:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    if dtype is None and device.startswith("cuda"):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return _Placement(device, dtype or torch.float32)
+    if isinstance(dtype, torch.dtype):
+        return _Placement(device, dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be a torch dtype or one of {', '.join(DTYPES)}, not {dtype!r} (set it with "
+                         f"load_model(dtype=...), --dtype or $TUTORIAL_API_DTYPE).")
+    return _Placement(device, dtype if dtype == "auto" else getattr(torch, dtype))
 
 
 def _smollm2_gguf() -> Path:
@@ -151,7 +182,7 @@ def _load_gguf(gguf: Path, placement: _Placement):
     """load a GGUF model through a converted copy in the cache: about 15 s the first time, a second or two after."""
     with _without_progress_bars():
         tokenizer = AutoTokenizer.from_pretrained(model_cache.converted_tokenizer(gguf))
-        model = AutoModelForCausalLM.from_pretrained(model_cache.converted_model(gguf), **placement.pretrained_kwargs)
+        model = _weights(model_cache.converted_model(gguf), placement)
     return model.eval(), tokenizer
 
 
@@ -172,22 +203,28 @@ def _build_tiny_qwen2(placement: _Placement):
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=placement.pretrained_kwargs(config)["dtype"])
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device=placement.device, dtype=placement.dtype).eval(), tokenizer
+    return model.to(device=placement.device).eval(), tokenizer
 
 
 def _from_pretrained(source: str, placement: _Placement, trust_remote_code: bool, shown_as: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                     **placement.pretrained_kwargs)
+        model = _weights(source, placement, trust_remote_code=trust_remote_code)
     except ValueError as error:
         if "trust_remote_code" not in str(error):
             raise
         raise ModelNotAvailable(_remote_code_refusal(shown_as or source)) from None
     return model.eval(), tokenizer
+
+
+def _weights(source, placement: _Placement, **options):
+    """the model in `source` (a folder or a hub id), placed as `placement` says for its config."""
+    config = AutoConfig.from_pretrained(source, **options)
+    return AutoModelForCausalLM.from_pretrained(source, config=config, **placement.pretrained_kwargs(config),
+                                                **options)
 
 
 def _remote_code_refusal(name: str) -> str:

@@ -60,6 +60,8 @@ class ChatError(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"] = "ok"
     model: str
+    dtype: str | None = Field(default=None, description="the number format the model computes in, e.g. bfloat16 "
+                                                        "(the kit's own engine; absent in front of an upstream)")
     active_requests: int = Field(description="requests generating or waiting")
     reason: str | None = Field(default=None, description="why the server cannot generate now (with 503 only)")
 

@@ -11,6 +11,8 @@ from typing import get_args
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6006
+# The number formats a model may compute in: "auto" picks one for the machine (see models.py).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 _KINDS = {int: "a whole number", float: "a number", str: "text", Path: "a path", bool: "yes or no"}
 
@@ -42,6 +44,7 @@ def _between(low, high):
 
 
 _POSITIVE = (lambda value: value > 0, "above 0")
+_DTYPE = (lambda value: value in DTYPES, f"that is one of {', '.join(DTYPES)}")
 _API_BASE_URL = (lambda value: re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?/v1/?", value) is not None,
                  "that is an http:// or https:// URL ending in /v1, e.g. http://gpu-server:8000/v1")
 
@@ -75,6 +78,9 @@ class Settings:
 
     model: str = _setting(DEFAULT_MODEL, "TUTORIAL_API_MODEL", "--model",
                           "a preset (listed below), a hub id or a local folder")
+    dtype: str = _setting("auto", "TUTORIAL_API_DTYPE", "--dtype",
+                          "the number format the model computes in: auto is bfloat16 on a CPU with native bf16 "
+                          "(AVX512-BF16, AMX), float32 on other CPUs, the model's own on a GPU", valid=_DTYPE)
     host: str = _setting(DEFAULT_HOST, "TUTORIAL_API_HOST", "--host",
                          "address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 shares it on the network")
     port: int = _setting(DEFAULT_PORT, "TUTORIAL_API_PORT", "--port", "port (0 picks a free one)", int,
@@ -97,6 +103,9 @@ class Settings:
     max_new_tokens: int | None = _setting(None, "TUTORIAL_API_MAX_NEW_TOKENS", "--max-new-tokens",
                                           "most tokens one answer may have (none: the model's context)", int,
                                           valid=_at_least(1))
+    answer_tokens: int = _setting(512, "TUTORIAL_API_ANSWER_TOKENS", "--answer-tokens",
+                                  "most tokens one answer on POST / may have, within its max_length: a sampled "
+                                  "answer that never ends stops there", int, valid=_at_least(1))
     max_history_turns: int | None = _setting(None, "TUTORIAL_API_MAX_HISTORY_TURNS", "--max-history-turns",
                                              "most earlier turns (user messages) a request may carry", int,
                                              valid=_at_least(0))

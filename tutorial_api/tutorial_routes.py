@@ -19,9 +19,13 @@ async def create_chat(body: ChatRequest, request: Request):
     if engine.legacy:
         response, history = await engine.legacy_chat(body.prompt, body.history, **options)
         return ChatResponse(response=response, history=history, time=now())
+    # The answer stops at the server's answer_tokens, or sooner where max_length (prompt and answer together) says
+    # so. max_length bounds the answer alone too, which holds an upstream that cannot count tokens within it.
+    answer_tokens = request.app.state.settings.answer_tokens
     generation = await start_generation(request, build_messages(body.prompt, body.history), max_length=body.max_length,
-                                  budget_field=None if body.max_length is None else "max_length",
-                                  **tutorial_sampling(body.temperature, body.top_p))
+                                        max_new_tokens=min(answer_tokens, body.max_length or answer_tokens),
+                                        budget_field=None if body.max_length is None else "max_length",
+                                        **tutorial_sampling(body.temperature, body.top_p))
     response = await answer_or_cancel(request, generation)
     if response is None:
         raise Refusal(499, "The client disconnected.")
