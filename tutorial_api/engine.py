@@ -102,13 +102,17 @@ class Engine:
         return self.problem
 
     async def count(self, messages: list[dict]) -> tuple[int, int]:
-        """the prompt's tokens after the chat template, and the model's context."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        """the prompt's tokens after the chat template, and the model's context; tokenized on another thread, as
+        in `prepare`."""
+        prompt = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                         return_dict=True)
         return len(prompt["input_ids"]), context_length(self.model, self.tokenizer)
 
     async def prepare(self, messages, **budget_and_sampling):
-        """the chat tokenized for this model, with its answer budget and sampling (see `chat.prepare`)."""
-        return prepare(self.model, self.tokenizer, messages, **budget_and_sampling)
+        """the chat tokenized for this model, with its answer budget and sampling (see `chat.prepare`). A long
+        prompt takes a while to tokenize (0.7 s a megabyte), so that runs on another thread: the event loop keeps
+        streaming other answers meanwhile."""
+        return await asyncio.to_thread(prepare, self.model, self.tokenizer, messages, **budget_and_sampling)
 
     async def start(self, prepared, *, stop=(), label="") -> Generation:
         """`submit`, as the routes call any engine, this one or an upstream."""
