@@ -7,6 +7,7 @@ finish or are cancelled. Each keeps its own sampling settings, seed, stop string
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 
 import torch
@@ -17,6 +18,7 @@ from tutorial_api.chat import chat, prepare
 from tutorial_api.generation import Generation
 from tutorial_api.models import context_length
 from tutorial_api.sampler import sample, token_logprobs
+from tutorial_api.thread_policy import ThreadPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class Engine:
         self._closing = False
         self._stopped = False
         self._batch = _Batch(model)
+        self._threads: ThreadPolicy | None = None  # the worker's, on a CPU
         self._legacy_turn = asyncio.Lock()
         self._worker = threading.Thread(target=self._run, name="tutorial-api-engine", daemon=True)
         self._worker.start()
@@ -153,6 +156,9 @@ class Engine:
         self._worker.join()
 
     def _run(self) -> None:
+        if self.model.device.type == "cpu":
+            # Read here: torch's thread count belongs to each thread, and this one runs the model.
+            self._threads = ThreadPolicy(torch.get_num_threads())
         try:
             with torch.inference_mode():
                 while self._wait_for_work():
@@ -165,6 +171,8 @@ class Engine:
         except BaseException:  # noqa: BLE001 - whatever ends the worker is logged; `finally` ends its requests
             logger.critical("The generation worker stopped", exc_info=True)
         finally:
+            if self._threads and torch.get_num_threads() != self._threads.most:
+                torch.set_num_threads(self._threads.most)  # torch also starts new threads with the last count set
             with self._wakeup:
                 self._stopped = True
                 self._waiting.clear()
@@ -200,7 +208,12 @@ class Engine:
         if newcomers:
             self._batch.admit(newcomers)
         elif self._batch.rows:
+            started = time.perf_counter()
             self._batch.decode()
+            if self._threads:
+                threads = self._threads.decoded(len(self._batch.rows), time.perf_counter() - started)
+                if threads != torch.get_num_threads():
+                    torch.set_num_threads(threads)
         self.steps += 1
         self.largest_batch = max(self.largest_batch, len(self._batch.rows))
         self._batch.drop_finished()
