@@ -40,6 +40,7 @@ def test_a_quiet_machine_keeps_every_thread_and_checks_rarely():
     run = Run(2).decode(quiet, 5000)
     assert run.threads == 2
     assert run.counts.count(1) / len(run.counts) < 0.01
+    assert "1, 1" not in str(run.counts), "a check of fewer threads took more than the one step that settles it"
 
 
 def test_fewer_threads_must_be_clearly_faster():

@@ -20,11 +20,11 @@ FEWER_MUST_GAIN = 1.3
 # More threads are taken back unless they are this much slower: every core counts at large batch sizes.
 MORE_MAY_LOSE = 1.1
 # Steps this much slower than the fastest seen at the same thread count and batch size mean another program has
-# started: fewer threads are tried at once. A trial step this much slower ends its trial at once.
+# started: fewer threads are tried at once. A step with one thread more that is this much slower ends its trial.
 SLOWDOWN = 2.0
-# Decoding seconds before the first routine trial of fewer threads and of more, each wait doubled after a trial that
-# changes nothing. Fewer threads cost little to try on a quiet machine; more threads cost a slow step while a core is
-# busy.
+# Decoding seconds before the first routine trial of fewer threads (-1) and of more (+1), each wait doubled after a
+# trial that changes nothing. Fewer threads cost little to try on a quiet machine; more cost a slow step while a core
+# is busy.
 FIRST_WAIT = {-1: 1.0, 1: 10.0}
 LONGEST_WAIT = 320.0
 
@@ -81,11 +81,16 @@ class ThreadPolicy:
     def _go_on_with_trial(self, seconds: float) -> int:
         trial = self._trial
         trial.steps.append(seconds)
-        if len(trial.steps) < TRIAL_STEPS and seconds < SLOWDOWN * trial.baseline:
+        direction = 1 if trial.threads > self.threads else -1
+        # One step can settle it, so a trial costs a quiet machine one step, and a busy one one slow step.
+        hopeless = seconds >= trial.baseline if direction < 0 else seconds > SLOWDOWN * trial.baseline
+        if len(trial.steps) < TRIAL_STEPS and not hopeless:
             return trial.threads
         tried = median(trial.steps)
-        direction = 1 if trial.threads > self.threads else -1
-        better = tried < MORE_MAY_LOSE * trial.baseline if direction > 0 else tried * FEWER_MUST_GAIN < trial.baseline
+        if direction > 0:
+            better = not hopeless and tried < MORE_MAY_LOSE * trial.baseline
+        else:
+            better = not hopeless and tried * FEWER_MUST_GAIN < trial.baseline
         if better:
             logger.info("CPU threads for decoding: %d instead of %d, as a step of %d requests takes %.0f ms instead "
                         "of %.0f ms (tried after %s)", trial.threads, self.threads, self._batch, tried * 1000,
