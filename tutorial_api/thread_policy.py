@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 TRIAL_STEPS = 3
 # Fewer threads must be this much faster to be kept: noise never costs a quiet machine its speed, while a core
 # taken by another program makes the surplus thread many times slower.
-FEWER_MUST_GAIN = 1.3
+FEWER_MUST_GAIN = 1.5
 # More threads are taken back unless they are this much slower: every core counts at large batch sizes.
 MORE_MAY_LOSE = 1.1
 # Steps this much slower than the fastest seen at the same thread count and batch size mean another program has
@@ -100,6 +100,8 @@ class ThreadPolicy:
             # Keep going the same way while it helps; back only after a while.
             self._due = {direction: self._clock, -direction: self._clock + FIRST_WAIT[-direction]}
         else:
+            logger.debug("CPU threads for decoding: kept %d, as a step of %d requests with %d took %.0f ms against "
+                         "%.0f ms", self.threads, self._batch, trial.threads, tried * 1000, trial.baseline * 1000)
             self._fastest[(self.threads, self._batch)] = trial.baseline  # steps are this slow now, for whatever reason
             self._wait[direction] = min(2 * self._wait[direction], LONGEST_WAIT)
             self._due[direction] = self._clock + self._wait[direction]
