@@ -25,7 +25,7 @@ SLOWDOWN = 2.0
 # Decoding seconds before the first routine trial of fewer threads (-1) and of more (+1), each wait doubled after a
 # trial that changes nothing. Fewer threads cost little to try on a quiet machine; more cost a slow step while a core
 # is busy.
-FIRST_WAIT = {-1: 1.0, 1: 10.0}
+FIRST_WAIT = {-1: 1.0, 1: 30.0}
 LONGEST_WAIT = 320.0
 
 
