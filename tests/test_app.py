@@ -165,6 +165,56 @@ def test_health_answers_while_a_generation_runs(tiny_server):
     assert max(latencies) < 0.5
 
 
+class GatedTemplate:
+    """a tokenizer whose chat template, for a prompt longer than `long`, waits at `gate` until the test opens it:
+    a slow tokenization that the test controls. `inside` is true while a call waits there."""
+
+    def __init__(self, tokenizer, long=10_000):
+        self._tokenizer, self._long = tokenizer, long
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.inside = False
+
+    def apply_chat_template(self, messages, *args, **kwargs):
+        if len(messages[-1]["content"]) > self._long:
+            self.inside = True
+            self.entered.set()
+            self.gate.wait(60)  # bounded: where tokenizing blocks the event loop, the test fails instead of hanging
+            self.inside = False
+        return self._tokenizer.apply_chat_template(messages, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+BIG = "word " * 190_000  # just under the default max_body_bytes of 1 MB
+
+TOKENIZING_ROUTES = {
+    "tutorial": ("/", {"prompt": BIG}, 422, lambda error: error["field"] == "prompt"),
+    "openai": ("/v1/chat/completions", {"messages": [{"role": "user", "content": BIG}]}, 400,
+               lambda error: error["error"]["param"] == "messages"),
+    "tokenize": ("/tokenize", {"messages": [{"role": "user", "content": BIG}]}, 200,
+                 lambda counted: counted["count"] > counted["max_model_len"]),
+}
+
+
+@pytest.mark.parametrize(("path", "body", "status", "check"), TOKENIZING_ROUTES.values(), ids=TOKENIZING_ROUTES.keys())
+def test_health_answers_while_a_long_prompt_is_tokenized(tiny, path, body, status, check):
+    tokenizer = GatedTemplate(tiny[1])
+    server = start_server(create_app((tiny[0], tokenizer)), port=0, log_level="warning")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(requests.post, server.url + path, json=body, timeout=120)
+            assert tokenizer.entered.wait(60), "the long prompt never reached the chat template"
+            health = requests.get(f"{server.url}/health", timeout=120)
+            assert tokenizer.inside, "/health answered only once the long prompt's tokenization had ended"
+            assert health.status_code == 200
+            tokenizer.gate.set()
+            assert answer.result().status_code == status and check(answer.result().json())
+    finally:
+        tokenizer.gate.set()
+        server.stop()
+
+
 def test_concurrent_requests_get_their_own_answers():
     """in fp32, where a row's logits in a padded batch equal its logits alone; bf16 rounds them differently with the
     batch's shape, enough to flip the tiny random model's near-tied greedy choices (and, now and then, SmolLM2's)."""

@@ -1,8 +1,12 @@
 import asyncio
+import logging
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import pytest
+import torch
 
 from tutorial_api import chat
 from tutorial_api.chat import build_messages, prepare
@@ -242,6 +246,44 @@ def test_health_is_lost_after_failed_steps_and_back_once_it_generates(tiny, faul
 
     lost, back = run((model, tiny[1]), scenario)
     assert "3 generation steps failed" in lost and back is None
+
+
+class ContendedModel:
+    """the tiny model as if another program took a core after its first `calm` calls: from then on, a call with
+    more than one thread waits 0.1 s for it. Records the thread count each call ran with."""
+
+    def __init__(self, model, calm=6):
+        self._model, self._calm = model, calm
+        self.threads: list[int] = []
+
+    def __call__(self, **kwargs):
+        self.threads.append(torch.get_num_threads())
+        if len(self.threads) > self._calm and self.threads[-1] > 1:
+            time.sleep(0.1)
+        return self._model(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_the_worker_decodes_with_the_thread_count_its_policy_chooses(tiny, caplog):
+    model = ContendedModel(tiny[0])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # two to choose from, on any machine: new threads start with the count last set
+    try:
+        async def scenario(engine, submit):
+            await submit(PROMPTS[1], max_new_tokens=40, temperature=0).text()
+
+        with caplog.at_level(logging.INFO, logger="tutorial_api.thread_policy"):
+            run((model, tiny[1]), scenario)
+        with ThreadPoolExecutor(1) as fresh:
+            after = fresh.submit(torch.get_num_threads).result()
+    finally:
+        torch.set_num_threads(before)
+    assert len(model.threads) > 30 and model.threads[0] == 2
+    assert set(model.threads[-20:]) == {1}
+    assert "CPU threads for decoding: 1 instead of 2" in caplog.text
+    assert after == 2, "the worker left new threads with its own count"
 
 
 def submit_to(engine, model, tokenizer, prompt, stop=(), **options):

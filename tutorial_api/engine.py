@@ -7,6 +7,7 @@ finish or are cancelled. Each keeps its own sampling settings, seed, stop string
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 
 import torch
@@ -18,6 +19,7 @@ from tutorial_api.generation import Generation
 from tutorial_api.models import context_length
 from tutorial_api.packed_linear import pack_linear_layers
 from tutorial_api.sampler import sample, token_logprobs
+from tutorial_api.thread_policy import ThreadPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class Engine:
         self._closing = False
         self._stopped = False
         self._batch = _Batch(model)
+        self._threads: ThreadPolicy | None = None  # the worker's, on a CPU
         self._legacy_turn = asyncio.Lock()
         self._worker = threading.Thread(target=self._run, name="tutorial-api-engine", daemon=True)
         self._worker.start()
@@ -105,13 +108,17 @@ class Engine:
         return self.problem
 
     async def count(self, messages: list[dict]) -> tuple[int, int]:
-        """the prompt's tokens after the chat template, and the model's context."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        """the prompt's tokens after the chat template, and the model's context; tokenized on another thread, as
+        in `prepare`."""
+        prompt = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                         return_dict=True)
         return len(prompt["input_ids"]), context_length(self.model, self.tokenizer)
 
     async def prepare(self, messages, **budget_and_sampling):
-        """the chat tokenized for this model, with its answer budget and sampling (see `chat.prepare`)."""
-        return prepare(self.model, self.tokenizer, messages, **budget_and_sampling)
+        """the chat tokenized for this model, with its answer budget and sampling (see `chat.prepare`). A long
+        prompt takes a while to tokenize (0.7 s a megabyte), so that runs on another thread: the event loop keeps
+        streaming other answers meanwhile."""
+        return await asyncio.to_thread(prepare, self.model, self.tokenizer, messages, **budget_and_sampling)
 
     async def start(self, prepared, *, stop=(), label="") -> Generation:
         """`submit`, as the routes call any engine, this one or an upstream."""
@@ -152,6 +159,9 @@ class Engine:
         self._worker.join()
 
     def _run(self) -> None:
+        if self.model.device.type == "cpu":
+            # Read here: torch's thread count belongs to each thread, and this one runs the model.
+            self._threads = ThreadPolicy(torch.get_num_threads())
         try:
             with torch.inference_mode():
                 while self._wait_for_work():
@@ -164,6 +174,8 @@ class Engine:
         except BaseException:  # noqa: BLE001 - whatever ends the worker is logged; `finally` ends its requests
             logger.critical("The generation worker stopped", exc_info=True)
         finally:
+            if self._threads and torch.get_num_threads() != self._threads.most:
+                torch.set_num_threads(self._threads.most)  # torch also starts new threads with the last count set
             with self._wakeup:
                 self._stopped = True
                 self._waiting.clear()
@@ -199,7 +211,12 @@ class Engine:
         if newcomers:
             self._batch.admit(newcomers)
         elif self._batch.rows:
+            started = time.perf_counter()
             self._batch.decode()
+            if self._threads:
+                threads = self._threads.decoded(len(self._batch.rows), time.perf_counter() - started)
+                if threads != torch.get_num_threads():
+                    torch.set_num_threads(threads)
         self.steps += 1
         self.largest_batch = max(self.largest_batch, len(self._batch.rows))
         self._batch.drop_finished()
