@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-import transformers
 
 from tutorial_api import model_cache
 
@@ -132,10 +131,10 @@ def test_a_warm_start_checks_sizes_and_times_without_reading_the_files(cache, mo
 
 
 def test_each_transformers_version_keeps_its_own_conversion(cache, monkeypatch):
-    build, installed = write_weights(b"weights"), transformers.__version__
+    build, installed = write_weights(b"weights"), model_cache.transformers.__version__
     first = model_cache._cached(cache, "model", build)
-    monkeypatch.setattr(transformers, "__version__", "99.0.0")  # another environment sharing the cache
+    monkeypatch.setattr(model_cache.transformers, "__version__", "99.0.0")  # another environment sharing the cache
     second = model_cache._cached(cache, "model", build)
     assert second != first and build.runs == 2
-    monkeypatch.setattr(transformers, "__version__", installed)
+    monkeypatch.setattr(model_cache.transformers, "__version__", installed)
     assert model_cache._cached(cache, "model", build) == first and build.runs == 2  # still intact: no rebuild
