@@ -344,8 +344,8 @@ def report(results: dict, levels) -> None:
         print(f"{name:<40}{cells}")
     kit = next(name for name in rows if name.startswith("kit, auto") and not name.endswith("busy"))
     dtype = kit[kit.index("(") + 1:-1]
-    compared = [(f"raw generate, {dtype}", kit), (kit + ", one core busy", kit), ("vLLM CPU, bfloat16", kit)]
-    for other, mine in compared:
+    compared = [(kit, f"raw generate, {dtype}"), (kit + ", one core busy", kit), (kit, "vLLM CPU, bfloat16")]
+    for mine, other in compared:
         if other in rows:
             ratios = ", ".join(f"C={c} {rows[mine][c]['tokens_per_s'] / rows[other][c]['tokens_per_s']:.2f}"
                                for c in levels if c in rows[mine] and c in rows[other])

@@ -14,9 +14,10 @@ logger = logging.getLogger(__name__)
 
 # Steps timed at one thread count before two counts are compared, by their median.
 TRIAL_STEPS = 3
-# Fewer threads must be this much faster to be kept: noise never costs a quiet machine its speed, while a core
-# taken by another program makes the surplus thread many times slower.
-FEWER_MUST_GAIN = 1.5
+# Fewer threads must be this much faster to be kept: the noise between steps (under 10%) never costs a quiet machine
+# its speed, while a core taken by another program, or on a 2-core machine by the server's own event loop, makes the
+# surplus thread slower (1.4 times at one request on the kit's 2-core test machine, 3 to 60 times under a busy loop).
+FEWER_MUST_GAIN = 1.2
 # More threads are taken back unless they are this much slower: every core counts at large batch sizes.
 MORE_MAY_LOSE = 1.1
 # Steps this much slower than the fastest seen at the same thread count and batch size mean another program has
