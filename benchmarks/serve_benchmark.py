@@ -360,12 +360,13 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (rates, delays) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, row in results["rows"].items():
-        style = "--" if name.startswith("raw") else ":" if name.endswith("busy") else "-"
+    for number, (name, row) in enumerate(results["rows"].items()):
+        style = {"linestyle": "--" if name.startswith("raw") else ":" if name.endswith("busy") else "-",
+                 "marker": "o", "color": f"C{number}", "label": name}  # one color for a row in both panels
         levels = list(row)
-        rates.plot(levels, [row[c]["tokens_per_s"] for c in levels], "o" + style, label=name)
+        rates.plot(levels, [row[c]["tokens_per_s"] for c in levels], **style)
         if "first_token_p50_s" in row[levels[0]]:
-            delays.plot(levels, [row[c]["first_token_p50_s"] * 1000 for c in levels], "o" + style, label=name)
+            delays.plot(levels, [row[c]["first_token_p50_s"] * 1000 for c in levels], **style)
     rates.set(xlabel="concurrent clients (raw: batch size)", ylabel="tokens/s (all clients)", title="Throughput")
     delays.set(xlabel="concurrent clients", ylabel="ms", title="Time to first token, p50")
     for axes in (rates, delays):
