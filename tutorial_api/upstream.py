@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import httpx
+from fastapi.sse import format_sse_event
 
 from tutorial_api.chat import DEFAULT_MAX_LENGTH, ChatInputError, answer_budget
 from tutorial_api.engine import EngineError
@@ -232,7 +233,7 @@ class UpstreamGeneration(StreamedAnswer):
                      "total_tokens": self.prompt_tokens + self.completion_tokens}
             head = {name: self._last_read.get(name) for name in ("id", "object", "created", "model")}
             yield _event({**head, "choices": [], "usage": usage})
-        yield b"data: [DONE]\n\n"
+        yield format_sse_event(data_str="[DONE]")
 
     async def _read(self, response: httpx.Response) -> None:
         try:
@@ -323,8 +324,8 @@ def _parsed(events: bytes) -> list[dict]:
 
 
 def _event(chunk: dict) -> bytes:
-    """one chunk as a server-sent event."""
-    return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+    """one chunk as a server-sent event, written as the kit's own streams write theirs."""
+    return format_sse_event(data_str=json.dumps(chunk, ensure_ascii=False))
 
 
 def _present(options: dict) -> dict:
