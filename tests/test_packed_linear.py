@@ -6,7 +6,7 @@ from torch import nn
 
 from tutorial_api import load_model
 from tutorial_api.chat import build_messages
-from tutorial_api.packed_linear import PackedLinear, pack_linear_layers
+from tutorial_api.packed_linear import PackedCopyLinear, PackedLinear, pack_linear_layers
 
 
 def greedy(model, tokenizer, new_tokens=16):
@@ -33,11 +33,29 @@ def test_the_default_models_output_layer_keeps_sharing_the_embedding(smollm2):
 
     pack_linear_layers(model)
 
-    assert type(model.lm_head) is nn.Linear
+    assert isinstance(model.lm_head, PackedCopyLinear)
     assert model.lm_head.weight is model.get_input_embeddings().weight
     assert isinstance(model.model.layers[0].mlp.down_proj, PackedLinear)
     assert model.num_parameters() == parameters
     assert greedy(model, smollm2[1], 8) == greedy(smollm2[0], smollm2[1], 8)
+
+
+def test_a_packed_copy_follows_the_weight_it_shares_when_edited_copied_or_converted():
+    embedding, output = nn.Embedding(32, 16), nn.Linear(16, 32, bias=False)
+    output.weight = embedding.weight
+    model = nn.Sequential(embedding, output)
+    x = torch.randn(3, 16)
+
+    assert pack_linear_layers(model) == 1 and isinstance(model[1], PackedCopyLinear)
+    with torch.no_grad():
+        embedding.weight.mul_(2)
+    torch.testing.assert_close(model[1](x), x @ embedding.weight.T)
+    copied = copy.deepcopy(model)
+    assert copied[1].weight is copied[0].weight
+    torch.testing.assert_close(copied[1](x), x @ embedding.weight.T)
+    model.to(torch.bfloat16)
+    assert model[1].weight is model[0].weight
+    torch.testing.assert_close(model[1](x.bfloat16()), x.bfloat16() @ model[0].weight.T)
 
 
 def test_moving_a_packed_model_unpacks_it_and_packs_it_again_on_the_cpu():

@@ -62,19 +62,56 @@ class PackedLinear(nn.Linear):
         return super().extra_repr() + (", packed for oneDNN" if self.weight.is_mkldnn else "")
 
 
+class PackedCopyLinear(nn.Linear):
+    """an output layer that shares its weight with the token embedding: the weight stays shared and plain, for the
+    embedding to look up, while a packed copy of it, outside the parameters, does the multiplying. The copy costs the
+    weight's size once more (56 MB for SmolLM2-135M in bf16) and made a decoding step about 1.1 times faster; it is
+    made again whenever the weight changes (moved, converted, loaded, edited in place)."""
+
+    @classmethod
+    def sharing(cls, linear: nn.Linear) -> "PackedCopyLinear":
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer._packed_copy()  # now, rather than in the first request's time
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed_copy()
+        if packed is None:
+            return super().forward(x)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+
+    def _packed_copy(self) -> torch.Tensor | None:
+        """the packed copy of the weight as it is now, or None where it cannot be packed."""
+        weight = self.weight
+        if not _packable(weight):
+            return None
+        stamp = (weight.data_ptr(), weight.dtype, weight._version)
+        if self.__dict__.get("_stamp") != stamp:
+            self._copy, self._stamp = _pack(weight), stamp
+        return self._copy
+
+    def __getstate__(self):
+        """a copy or a pickle leaves the packed copy behind, and packs its own weight when first used."""
+        return {name: value for name, value in super().__getstate__().items() if name not in ("_copy", "_stamp")}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", multiplies by a packed copy of its shared weight"
+
+
 def pack_linear_layers(model: nn.Module) -> int:
     """replace the model's CPU `nn.Linear` layers by `PackedLinear` ones, in place; how many were replaced.
 
-    An output layer that shares its weight with the token embedding keeps it, so the model's memory stays the
-    same. Nothing changes where this torch cannot pack (no oneDNN, another device, float16)."""
+    An output layer that shares its weight with the token embedding keeps sharing it, and multiplies by a packed
+    copy (`PackedCopyLinear`). Nothing changes where this torch cannot pack (no oneDNN, another device, float16)."""
     shared = {id(parameter) for module in model.modules() if not isinstance(module, nn.Linear)
               for parameter in module.parameters(recurse=False)}
     layers = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-              if type(child) is nn.Linear and _packable(child.weight) and id(child.weight) not in shared]
+              if type(child) is nn.Linear and _packable(child.weight)]
     if not layers or not _packing_works(layers[0][2].weight.dtype):
         return 0
     for parent, name, child in layers:
-        setattr(parent, name, PackedLinear.packing(child))
+        setattr(parent, name, (PackedCopyLinear.sharing if id(child.weight) in shared else PackedLinear.packing)(child))
     logger.info("Packed %d linear layers for oneDNN", len(layers))
     return len(layers)
 
