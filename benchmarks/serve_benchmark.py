@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--vllm-python", type=Path, help="the Python of a venv with vLLM: start its OpenAI server "
                                                          "on the model")
     parser.add_argument("--upstream", action="store_true", help="measure the kit in front of vLLM instead")
+    parser.add_argument("--repeats", type=int, default=3, help="with --upstream: alternated runs of each pair")
     parser.add_argument("--raw", nargs=2, metavar=("DTYPE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw:
@@ -209,6 +210,7 @@ def load(url: str, model: str, concurrency: int, rounds: int, new_tokens: int) -
     return {"tokens_per_s": sum(tokens) / elapsed, "requests": len(latencies), "tokens": sum(tokens),
             "latency_p50_s": percentile(latencies, 50), "latency_p95_s": percentile(latencies, 95),
             "first_token_p50_s": percentile(first_tokens, 50), "first_token_p95_s": percentile(first_tokens, 95),
+            "first_tokens_s": first_tokens,
             "health_p50_ms": percentile(health, 50) * 1000, "health_p99_ms": percentile(health, 99) * 1000}
 
 
@@ -232,29 +234,52 @@ def stream_one(url: str, model: str, prompt: str, new_tokens: int) -> tuple[floa
 
 
 def measure_upstream(args) -> None:
-    """the kit in upstream mode against vLLM direct: tokens/s at each concurrency, first-token time, and how soon
+    """the kit in upstream mode against vLLM direct: tokens/s at each concurrency and first-token time, each pair
+    measured `--repeats` times, alternated, as one run of each varies by 10 to 20% here (and its first-token p50 by
+    a factor of 3, with how vLLM happens to group the prefills); the kit's own CPU time per token; and how soon
     vLLM stops a request whose client hung up (its own `vllm:num_requests_running`)."""
     with vllm_server(args) as vllm_url, \
-            served([sys.executable, "-m", "tutorial_api", "serve", "--upstream", f"{vllm_url}/v1"]) as (kit_url, _):
+            served([sys.executable, "-m", "tutorial_api", "serve", "--upstream", f"{vllm_url}/v1"]) as (kit_url, pid):
         model = requests.get(f"{vllm_url}/v1/models", timeout=10).json()["data"][0]["id"]
         load(kit_url, model, 1, 1, args.new_tokens)  # warm-up: both paths, the kit's pooled connections
-        results = {"model": model, "new_tokens": args.new_tokens, "direct": {}, "kit": {}}
+        results = {"model": model, "new_tokens": args.new_tokens, "repeats": args.repeats, "direct": {}, "kit": {},
+                   "kit_cpu_ms_per_token": {}}
         for concurrency in args.concurrency:
-            for name, url in (("direct", vllm_url), ("kit", kit_url)):
-                results[name][concurrency] = load(url, model, concurrency, args.rounds, args.new_tokens)
+            direct, kit, kit_cpu = [], [], 0.0
+            for _ in range(args.repeats):
+                direct.append(load(vllm_url, model, concurrency, args.rounds, args.new_tokens))
+                cpu_before = cpu_seconds(pid)
+                kit.append(load(kit_url, model, concurrency, args.rounds, args.new_tokens))
+                kit_cpu += cpu_seconds(pid) - cpu_before
+            results["direct"][concurrency], results["kit"][concurrency] = direct, kit
+            results["kit_cpu_ms_per_token"][concurrency] = kit_cpu * 1000 / sum(run["tokens"] for run in kit)
         results["hang_up"] = hang_up_check(kit_url, vllm_url, model)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_benchmark_upstream.json").write_text(json.dumps(results, indent=1))
-    print(f"\nthe kit in front of vLLM ({model}), {args.new_tokens} new tokens, greedy, on {os.cpu_count()} CPU cores")
-    print(f"{'C':>3} {'vLLM tok/s':>11} {'kit tok/s':>10} {'ratio':>6} {'TTFT vLLM ms':>13} {'kit adds ms':>12}")
+    print(f"\nthe kit in front of vLLM ({model}), {args.new_tokens} new tokens, greedy, on {os.cpu_count()} CPU cores; "
+          f"{args.repeats} alternated runs: their median tok/s, and the p50 of all their first tokens")
+    print(f"{'C':>3} {'vLLM tok/s':>11} {'kit tok/s':>10} {'ratio':>6} {'TTFT vLLM ms':>13} {'kit adds ms':>12} "
+          f"{'kit CPU ms/token':>17}")
     for c in args.concurrency:
-        direct, kit = results["direct"][c], results["kit"][c]
-        print(f"{c:>3} {direct['tokens_per_s']:>11.1f} {kit['tokens_per_s']:>10.1f} "
-              f"{kit['tokens_per_s'] / direct['tokens_per_s']:>6.2f} {direct['first_token_p50_s'] * 1000:>13.1f} "
-              f"{(kit['first_token_p50_s'] - direct['first_token_p50_s']) * 1000:>12.1f}")
+        rates = [median_of(results[path][c], "tokens_per_s") for path in ("direct", "kit")]
+        first_tokens = [percentile([t for run in results[path][c] for t in run["first_tokens_s"]], 50) * 1000
+                        for path in ("direct", "kit")]
+        print(f"{c:>3} {rates[0]:>11.1f} {rates[1]:>10.1f} {rates[1] / rates[0]:>6.2f} {first_tokens[0]:>13.1f} "
+              f"{first_tokens[1] - first_tokens[0]:>12.1f} "
+              f"{results['kit_cpu_ms_per_token'][c]:>17.2f}")
     hang_up = results["hang_up"]
     print(f"hang-up: vLLM ran {hang_up['running_while_streaming']:g} request(s) while the client streamed; "
           f"back to {hang_up['running_after']:g} running {hang_up['seconds_to_zero']:.3f} s after it hung up")
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def cpu_seconds(pid: int) -> float:
+    """the CPU time a process has used so far, user and system, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class vllm_server:

@@ -15,7 +15,7 @@ import openai
 import pytest
 import requests
 
-from tutorial_api import create_app, start_server
+from tutorial_api import create_app, start_server, upstream as upstream_module
 from tutorial_api.upstream import Upstream, UpstreamChat
 
 CHAT = "/v1/chat/completions"
@@ -200,6 +200,18 @@ def test_an_upstream_that_stops_gives_502_in_each_apis_shape_and_health_503(kits
     assert upstream.url.removeprefix("http://") in health.json()["reason"]
     front.server.stop()
     assert front.engine.client.is_closed  # the one pooled client lives as long as the server
+
+
+@pytest.mark.parametrize("fresh_seconds, upstream_checks", [(60.0, 1), (0.0, 5)])
+def test_health_asks_the_upstream_once_while_its_answer_is_fresh(kits, upstream, log_lines, monkeypatch,
+                                                                 fresh_seconds, upstream_checks):
+    monkeypatch.setattr(upstream_module, "_HEALTH_FRESH_SECONDS", fresh_seconds)
+    front = kits(upstream=f"{upstream.url}/v1")
+    for _ in range(5):
+        assert requests.get(f"{front.url}/health").json()["status"] == "ok"
+    # Both kits log to the same logger: the front's five lines, and one for each check the upstream answered.
+    wait_until(lambda: len(log_lines("/health")) >= 5 + upstream_checks, "the upstream's health log lines")
+    assert len(log_lines("/health")) == 5 + upstream_checks
 
 
 def test_an_overloaded_upstream_gives_503_with_its_retry_after(kits, slow_tiny, decoding):

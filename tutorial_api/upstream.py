@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -28,6 +29,9 @@ logger = logging.getLogger(__name__)
 MAX_CONNECTIONS = 256
 # How long /health waits for the upstream's own health.
 _HEALTH_SECONDS = 5.0
+# How long the upstream's health, once checked, answers /health: a monitor or load balancer polling the kit many
+# times a second costs the upstream one check a second, and the kit one request to it.
+_HEALTH_FRESH_SECONDS = 1.0
 # Statuses that say an upstream has no such route (POST /tokenize, GET /health are not in every server).
 _ABSENT = (404, 405, 501)
 
@@ -66,6 +70,8 @@ class Upstream:
         self.count_prompts = count_prompts  # count every prompt (for max_prompt_tokens), not only for max_length
         self._counts_tokens = True  # until the upstream shows it has no /tokenize
         self._live: set[UpstreamGeneration] = set()
+        self._health_check: asyncio.Task | None = None  # the latest, shared by every /health while it is fresh
+        self._health_checked = 0.0  # when it ended, by time.monotonic()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(
             headers=headers, timeout=httpx.Timeout(None, connect=10.0),  # the kit's request_timeout bounds a request
@@ -82,6 +88,8 @@ class Upstream:
         return self.model
 
     async def close(self) -> None:
+        if self._health_check:
+            self._health_check.cancel()
         await self.client.aclose()
 
     @property
@@ -90,18 +98,29 @@ class Upstream:
         return len(self._live)
 
     async def health(self) -> str | None:
-        """why the upstream cannot answer now, or None while it can: its /health (at the server's root, as vLLM's),
-        else its model list."""
-        for url in (f"{self.base_url.removesuffix('/v1')}/health", f"{self.base_url}/models"):
-            try:
-                answer = await self.client.get(url, timeout=_HEALTH_SECONDS)
-            except httpx.HTTPError as error:
-                return f"The upstream server at {self.base_url} cannot be reached ({type(error).__name__})."
-            if answer.status_code == 200:
-                return None
-            if answer.status_code not in _ABSENT:
-                return f"The upstream server at {self.base_url} reports {answer.status_code} on {url}."
-        return None
+        """why the upstream cannot answer now, or None while it can. Asked at most once a second: calls meanwhile
+        share the check in flight, or the last one's answer."""
+        check = self._health_check
+        stale = check is None or (check.done() and time.monotonic() - self._health_checked > _HEALTH_FRESH_SECONDS)
+        if stale:
+            check = self._health_check = asyncio.create_task(self._check_health())
+        return await asyncio.shield(check)  # a caller that gives up does not cancel the check the others wait for
+
+    async def _check_health(self) -> str | None:
+        """the upstream's /health (at the server's root, as vLLM's), else its model list."""
+        try:
+            for url in (f"{self.base_url.removesuffix('/v1')}/health", f"{self.base_url}/models"):
+                try:
+                    answer = await self.client.get(url, timeout=_HEALTH_SECONDS)
+                except httpx.HTTPError as error:
+                    return f"The upstream server at {self.base_url} cannot be reached ({type(error).__name__})."
+                if answer.status_code == 200:
+                    return None
+                if answer.status_code not in _ABSENT:
+                    return f"The upstream server at {self.base_url} reports {answer.status_code} on {url}."
+            return None
+        finally:
+            self._health_checked = time.monotonic()
 
     async def count(self, messages: list[dict]) -> tuple[int, int] | None:
         """the prompt's tokens after the chat template, and the model's context, by the upstream's POST /tokenize
