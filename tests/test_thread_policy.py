@@ -1,6 +1,13 @@
 import logging
+import os
+import threading
+from pathlib import Path
 
-from tutorial_api.thread_policy import FIRST_WAIT, LONGEST_WAIT, TRIAL_STEPS, ThreadPolicy
+import pytest
+import torch
+
+from tutorial_api import create_app
+from tutorial_api.thread_policy import FIRST_WAIT, LONGEST_WAIT, TRIAL_STEPS, ThreadPolicy, release_openmp_threads
 
 
 def quiet(threads, batch):
@@ -100,3 +107,52 @@ def test_a_trial_is_dropped_when_the_batch_size_changes():
     assert [policy.decoded(1, 0.05) for _ in range(2)] == [2, 1]  # slowed: a trial at one thread begins
     assert policy.decoded(16, 0.5) == 2  # 16 rows take longer whatever the count
     assert policy.threads == 2
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def on_a_thread_of_its_own(work):
+    """run `work(counts)` on a new thread, whose OpenMP pool the test's own thread never shares; its counts."""
+    counts = {}
+    thread = threading.Thread(target=work, args=(counts,))
+    thread.start()
+    thread.join()
+    return counts
+
+
+def compute_in_parallel():
+    torch.set_num_threads(2)
+    torch.ones(4_000_000).add_(1)  # long enough for torch to split it across its OpenMP threads
+
+
+gnu_openmp = pytest.mark.skipif(not Path("/proc/self/maps").is_file() or "libgomp" not in Path("/proc/self/maps").read_text(),
+                                reason="counts a Linux process's threads, with torch on GNU OpenMP")
+
+
+@gnu_openmp
+def test_a_thread_gives_back_its_openmp_threads_and_starts_new_ones_when_it_computes_again():
+    def work(counts):
+        compute_in_parallel()
+        counts["computing"] = os_threads()
+        release_openmp_threads()
+        counts["released"] = os_threads()
+        compute_in_parallel()
+        counts["again"] = os_threads()
+
+    counts = on_a_thread_of_its_own(work)
+    assert counts["released"] == counts["computing"] - 1
+    assert counts["again"] == counts["computing"]
+
+
+@gnu_openmp
+def test_the_thread_that_hands_a_loaded_model_to_create_app_gives_back_its_openmp_threads(tiny):
+    def work(counts):
+        compute_in_parallel()
+        counts["computing"] = os_threads()
+        create_app(tiny)
+        counts["created"] = os_threads()
+
+    counts = on_a_thread_of_its_own(work)
+    assert counts["created"] == counts["computing"] - 1

@@ -24,6 +24,7 @@ from tutorial_api.openai_schemas import ErrorResponse
 from tutorial_api.request_log import RequestLog
 from tutorial_api.schemas import ChatError, Health
 from tutorial_api.settings import Settings
+from tutorial_api.thread_policy import release_openmp_threads
 from tutorial_api.upstream import Upstream
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ def create_app(model=None, settings: Settings | None = None, *, device=None, dty
     that server generates."""
     settings = replace(settings or Settings(), **overrides)
     loaded = model if isinstance(model, tuple) else None
+    if loaded:
+        release_openmp_threads()  # the caller's, which loaded the model: the engine's worker computes from now on
     model_name = (loaded[0].name_or_path or type(loaded[0]).__name__) if loaded else model or settings.model
 
     @asynccontextmanager
@@ -60,7 +63,7 @@ def create_app(model=None, settings: Settings | None = None, *, device=None, dty
             return
         logger.info("Loading model %s", model_name)
         loaded_model, tokenizer = loaded or await asyncio.to_thread(
-            load_model, model_name, device=device, dtype=settings.dtype if dtype is None else dtype,
+            _load_for_engine, model_name, device=device, dtype=settings.dtype if dtype is None else dtype,
             trust_remote_code=settings.trust_remote_code)
         app.state.engine = Engine(loaded_model, tokenizer, max_batch_size=settings.max_batch_size,
                                   max_waiting=settings.max_waiting)
@@ -93,6 +96,14 @@ def create_app(model=None, settings: Settings | None = None, *, device=None, dty
     app.add_middleware(CatchAll)
     app.add_middleware(RequestLog)  # the outermost: it logs every request, CORS preflights and refusals too
     return app
+
+
+def _load_for_engine(model_name: str, **options):
+    """`load_model` on a helper thread, which then gives back its OpenMP threads: the engine's worker computes."""
+    try:
+        return load_model(model_name, **options)
+    finally:
+        release_openmp_threads()
 
 
 def _guards(app: FastAPI, error_model) -> dict:

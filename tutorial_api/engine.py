@@ -19,7 +19,7 @@ from tutorial_api.generation import Generation
 from tutorial_api.models import context_length
 from tutorial_api.packed_linear import pack_linear_layers
 from tutorial_api.sampler import sample, token_logprobs
-from tutorial_api.thread_policy import ThreadPolicy
+from tutorial_api.thread_policy import ThreadPolicy, release_openmp_threads
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,12 @@ class EngineStopped(EngineError):
 
 class Engine:
     """owns the model; admits requests to a bounded queue and decodes them together on one worker thread. On a CPU
-    it packs the model's linear layers for oneDNN first (see `packed_linear`)."""
+    it packs the model's linear layers for oneDNN first (see `packed_linear`), and the creating thread gives back
+    its OpenMP threads, so the worker's are the only ones (see `release_openmp_threads`)."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_waiting: int = 64):
         pack_linear_layers(model)
+        release_openmp_threads()
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size

@@ -6,7 +6,9 @@ thread that is not running, and decoding gets 3 to 60 times slower. Environment 
 that only before torch starts, and cost speed on a quiet machine; timing the steps works at run time, anywhere.
 """
 
+import ctypes
 import logging
+import os
 from dataclasses import dataclass, field
 from statistics import median
 
@@ -15,8 +17,8 @@ logger = logging.getLogger(__name__)
 # Steps timed at one thread count before two counts are compared, by their median.
 TRIAL_STEPS = 3
 # Fewer threads must be this much faster to be kept: the noise between steps (under 10%) never costs a quiet machine
-# its speed, while a core taken by another program, or on a 2-core machine by the server's own event loop, makes the
-# surplus thread slower (1.4 times at one request on the kit's 2-core test machine, 3 to 60 times under a busy loop).
+# its speed, while a core taken by another program makes the surplus thread 3 to 60 times slower, and a second
+# OpenMP pool in the process (see `release_openmp_threads`) 1.7 times.
 FEWER_MUST_GAIN = 1.2
 # More threads are taken back unless they are this much slower: every core counts at large batch sizes.
 MORE_MAY_LOSE = 1.1
@@ -108,3 +110,18 @@ class ThreadPolicy:
             self._due[direction] = self._clock + self._wait[direction]
         self._trial, self._recent = None, []
         return self.threads
+
+
+def release_openmp_threads() -> None:
+    """give back the calling thread's OpenMP threads, which torch starts for its CPU work, where torch uses GNU
+    OpenMP (Linux); it starts new ones if this thread computes again.
+
+    Each thread that runs torch's CPU work in parallel keeps its own pool of OpenMP threads. Once a process holds
+    more of them than it has cores, GNU OpenMP stops spinning while its threads wait for each other, and every step
+    of the engine's worker pays for waking them: with the loading thread's pool still there, a SmolLM2 decoding step
+    on 2 threads took 27 ms instead of 16. A thread that hands a model to the engine calls this."""
+    try:  # only the copy torch has loaded, never another
+        openmp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except (OSError, AttributeError):  # not loaded, or no RTLD_NOLOAD on this platform
+        return
+    openmp.omp_pause_resource_all(1)  # omp_pause_soft: this thread's pool ends; torch's settings stay
