@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 import torch
 
-from tutorial_api import chat
+from tutorial_api import chat, engine as engine_module
 from tutorial_api.chat import build_messages, prepare
 from tutorial_api.engine import Engine, EngineBusy, EngineError, EngineStopped
 
@@ -55,6 +55,23 @@ def test_batching_decodes_many_requests_in_few_steps(tiny):
 
     steps, tokens = run(tiny, scenario)
     assert steps < tokens / 4, f"{steps} decoding steps for {tokens} tokens: requests were not batched"
+
+
+def test_newcomers_prefill_in_groups_within_the_token_budget_and_still_batch(tiny, faulty, monkeypatch):
+    prefills = []  # (rows, padded width) of each prefill
+    model = faulty(fails=lambda call, input_ids: input_ids.shape[1] > 1 and prefills.append(tuple(input_ids.shape)))
+    widest = max(prepare(*tiny, build_messages(p)).input_ids.shape[1] for p in PROMPTS)
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS_CPU", 3 * widest)
+
+    async def scenario(engine, submit):
+        generations = [submit(p, max_new_tokens=8, temperature=0) for p in PROMPTS * 2]
+        await asyncio.gather(*(g.text() for g in generations))
+        return engine.largest_batch
+
+    largest_batch = run((model, tiny[1]), scenario)
+    assert sum(rows for rows, _ in prefills) == 2 * len(PROMPTS)
+    assert all(rows * width <= 3 * widest for rows, width in prefills), prefills
+    assert largest_batch > 3  # the groups joined one batch
 
 
 def test_each_request_keeps_its_own_sampling(tiny):

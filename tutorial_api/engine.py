@@ -25,6 +25,12 @@ logger = logging.getLogger(__name__)
 
 # After this many steps in a row fail, /health reports the engine unavailable until a step succeeds again.
 _UNHEALTHY_AFTER_FAILED_STEPS = 3
+# Newcomers prefill together up to this many prompt tokens a step, padding included (one newcomer at least); the rest
+# join at the next steps. Each waits for its whole group's prefill before its first token: on the kit's 2-core test
+# machine, 16 requests arriving at once had their first token after 320 ms at p50 in one group, and after 190 ms in
+# groups of 128 tokens, for 3% less throughput. A GPU prefills a few thousand tokens in about the time of one.
+PREFILL_TOKENS_CPU = 128
+PREFILL_TOKENS_GPU = 4096
 
 
 class EngineError(RuntimeError):
@@ -207,7 +213,13 @@ class Engine:
     def _step(self) -> None:
         with self._wakeup:
             room = self.max_batch_size - len(self._batch.rows)
-            newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            budget = PREFILL_TOKENS_CPU if self.model.device.type == "cpu" else PREFILL_TOKENS_GPU
+            newcomers, width = [], 0
+            while self._waiting and len(newcomers) < room:
+                width = max(width, self._waiting[0].prompt_tokens)
+                if newcomers and width * (len(newcomers) + 1) > budget:
+                    break
+                newcomers.append(self._waiting.popleft())
             for generation in newcomers:
                 generation.state = "prefilling"
         if newcomers:
