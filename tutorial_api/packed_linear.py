@@ -86,7 +86,11 @@ class PackedCopyLinear(nn.Linear):
         weight = self.weight
         if not _packable(weight):
             return None
-        stamp = (weight.data_ptr(), weight.dtype, weight._version)
+        try:
+            version = weight._version
+        except RuntimeError:  # an inference tensor, made under torch.inference_mode: it keeps no version
+            version = None
+        stamp = (weight.data_ptr(), weight.dtype, version)
         if self.__dict__.get("_stamp") != stamp:
             self._copy, self._stamp = _pack(weight), stamp
         return self._copy

@@ -121,7 +121,7 @@ def release_openmp_threads() -> None:
     of the engine's worker pays for waking them: with the loading thread's pool still there, a SmolLM2 decoding step
     on 2 threads took 27 ms instead of 16. A thread that hands a model to the engine calls this."""
     try:  # only the copy torch has loaded, never another
-        openmp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-    except (OSError, AttributeError):  # not loaded, or no RTLD_NOLOAD on this platform
+        pause = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY).omp_pause_resource_all
+    except (OSError, AttributeError):  # not loaded, no RTLD_NOLOAD on this platform, or older than OpenMP 5
         return
-    openmp.omp_pause_resource_all(1)  # omp_pause_soft: this thread's pool ends; torch's settings stay
+    pause(1)  # omp_pause_soft: this thread's pool ends; torch's settings stay
