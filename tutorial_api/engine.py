@@ -71,6 +71,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
+        self.prefill_tokens = PREFILL_TOKENS_CPU if model.device.type == "cpu" else PREFILL_TOKENS_GPU
         self.steps = 0
         self.largest_batch = 0
         self.failed_steps = 0  # in a row, since the last step that worked
@@ -214,11 +215,10 @@ class Engine:
     def _step(self) -> None:
         with self._wakeup:
             room = self.max_batch_size - len(self._batch.rows)
-            budget = PREFILL_TOKENS_CPU if self.model.device.type == "cpu" else PREFILL_TOKENS_GPU
             newcomers, width = [], 0
             while self._waiting and len(newcomers) < room:
                 width = max(width, self._waiting[0].prompt_tokens)
-                if newcomers and width * (len(newcomers) + 1) > budget:
+                if newcomers and width * (len(newcomers) + 1) > self.prefill_tokens:
                     break
                 newcomers.append(self._waiting.popleft())
             for generation in newcomers:
