@@ -127,7 +127,8 @@ def compute_in_parallel():
     torch.ones(4_000_000).add_(1)  # long enough for torch to split it across its OpenMP threads
 
 
-gnu_openmp = pytest.mark.skipif(not Path("/proc/self/maps").is_file() or "libgomp" not in Path("/proc/self/maps").read_text(),
+MAPS = Path("/proc/self/maps")
+gnu_openmp = pytest.mark.skipif(not MAPS.is_file() or "libgomp" not in MAPS.read_text(),
                                 reason="counts a Linux process's threads, with torch on GNU OpenMP")
 
 
