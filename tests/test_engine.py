@@ -74,6 +74,26 @@ def test_newcomers_prefill_in_groups_within_the_token_budget_and_still_batch(tin
     assert largest_batch > 3  # the groups joined one batch
 
 
+@pytest.mark.parametrize("prefix_cache_mb", [256, 0])
+def test_a_chats_next_turn_computes_only_what_is_new_and_answers_as_it_would_without(tiny, faulty, prefix_cache_mb):
+    prefilled = []  # the new tokens of each prefill
+    model = faulty(fails=lambda call, input_ids: input_ids.shape[1] > 1 and prefilled.append(input_ids.shape[1]))
+
+    async def scenario(engine, submit):
+        first_answer = await submit(PROMPTS[1], max_new_tokens=12, temperature=0).text()
+        generation = engine.submit(prepare(*tiny, build_messages(PROMPTS[2], [[PROMPTS[1], first_answer]]),
+                                           max_new_tokens=12, temperature=0))
+        return first_answer, await generation.text(), generation.cached_tokens
+
+    first_answer, answer, cached = run((model, tiny[1]), scenario, prefix_cache_mb=prefix_cache_mb)
+    history = [[PROMPTS[1], first_answer]]
+    assert answer.strip() == chat(*tiny, PROMPTS[2], history, max_new_tokens=12, temperature=0)[0]
+    first_prompt, next_prompt = (prepare(*tiny, build_messages(p, h)).input_ids.shape[1]
+                                 for p, h in ((PROMPTS[1], []), (PROMPTS[2], history)))
+    assert cached == (first_prompt + 11 if prefix_cache_mb else 0)  # its prompt, and its answer but the last token
+    assert prefilled == [first_prompt, next_prompt - cached]
+
+
 def test_each_request_keeps_its_own_sampling(tiny):
     greedy_alone = chat(*tiny, PROMPTS[1], max_new_tokens=12, temperature=0)[0]
 

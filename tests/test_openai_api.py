@@ -48,6 +48,16 @@ def test_completion_with_the_official_client(client, tiny):
     assert completion.model == "tiny-qwen2" and completion.id.startswith("chatcmpl-")
 
 
+@pytest.mark.parametrize("prefix_cache_mb", [256, 0])
+def test_usage_counts_the_prompt_tokens_reused_from_a_recent_request(serve, prefix_cache_mb):
+    client = openai.OpenAI(base_url=f"{serve(prefix_cache_mb=prefix_cache_mb).url}/v1", api_key="-", max_retries=0)
+    first, again = (client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4, temperature=0)
+                    for _ in range(2))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == (again.usage.prompt_tokens - 1 if prefix_cache_mb else 0)
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
 def test_max_completion_tokens_is_the_newer_name(client):
     completion = client.chat.completions.create(model="m", messages=MESSAGES, max_completion_tokens=4, temperature=0)
     assert completion.usage.completion_tokens == 4

@@ -66,7 +66,7 @@ def create_app(model=None, settings: Settings | None = None, *, device=None, dty
             _load_for_engine, model_name, device=device, dtype=settings.dtype if dtype is None else dtype,
             trust_remote_code=settings.trust_remote_code)
         app.state.engine = Engine(loaded_model, tokenizer, max_batch_size=settings.max_batch_size,
-                                  max_waiting=settings.max_waiting)
+                                  max_waiting=settings.max_waiting, prefix_cache_mb=settings.prefix_cache_mb)
         app.state.dtype = str(loaded_model.dtype).removeprefix("torch.")
         logger.info("Model %s is ready, computing in %s on %s", model_name, app.state.dtype, loaded_model.device)
         try:

@@ -13,12 +13,15 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from tutorial_api.chat import chat, prepare
 from tutorial_api.generation import Generation
 from tutorial_api.models import context_length
 from tutorial_api.packed_linear import pack_linear_layers
+from tutorial_api.prefix_cache import PrefixCache
 from tutorial_api.sampler import sample, token_logprobs
+from tutorial_api.settings import PREFIX_CACHE_MB
 from tutorial_api.thread_policy import ThreadPolicy, release_openmp_threads
 
 logger = logging.getLogger(__name__)
@@ -62,9 +65,11 @@ class EngineStopped(EngineError):
 class Engine:
     """owns the model; admits requests to a bounded queue and decodes them together on one worker thread. On a CPU
     it packs the model's linear layers for oneDNN first (see `packed_linear`), and the creating thread gives back
-    its OpenMP threads, so the worker's are the only ones (see `release_openmp_threads`)."""
+    its OpenMP threads, so the worker's are the only ones (see `release_openmp_threads`). A newcomer whose prompt
+    starts as a recent conversation did reuses that one's keys and values, up to `prefix_cache_mb` of them."""
 
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_waiting: int = 64):
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_waiting: int = 64,
+                 prefix_cache_mb: int = PREFIX_CACHE_MB):
         pack_linear_layers(model)
         release_openmp_threads()
         self.model = model
@@ -81,7 +86,8 @@ class Engine:
         self._wakeup = threading.Condition()  # reentrant: a generation ending under it calls `forget`
         self._closing = False
         self._stopped = False
-        self._batch = _Batch(model)
+        self.prefixes = PrefixCache(prefix_cache_mb * 2**20 if _reusable(model) else 0)
+        self._batch = _Batch(model, self.prefixes)
         self._threads: ThreadPolicy | None = None  # the worker's, on a CPU
         self._legacy_turn = asyncio.Lock()
         self._worker = threading.Thread(target=self._run, name="tutorial-api-engine", daemon=True)
@@ -203,7 +209,7 @@ class Engine:
         for generation in failed:
             generation.finish("error", EngineError("The generation failed on the server; its log has the details."))
         if not isinstance(error, _PrefillFailed):
-            self._batch = _Batch(self.model)
+            self._batch = _Batch(self.model, self.prefixes)
 
     def _wait_for_work(self) -> bool:
         """block until a request waits or decodes; False once the engine is closing."""
@@ -215,16 +221,19 @@ class Engine:
     def _step(self) -> None:
         with self._wakeup:
             room = self.max_batch_size - len(self._batch.rows)
-            newcomers, width = [], 0
+            newcomers, prefixes, width = [], [], 0
             while self._waiting and len(newcomers) < room:
-                width = max(width, self._waiting[0].prompt_tokens)
+                generation = self._waiting[0]
+                generation.cached_tokens, prefix = self.prefixes.longest(generation.prompt)
+                width = max(width, generation.prompt_tokens - generation.cached_tokens)
                 if newcomers and width * (len(newcomers) + 1) > self.prefill_tokens:
                     break
                 newcomers.append(self._waiting.popleft())
+                prefixes.append(prefix)
             for generation in newcomers:
                 generation.state = "prefilling"
         if newcomers:
-            self._batch.admit(newcomers)
+            self._batch.admit(newcomers, prefixes)
         elif self._batch.rows:
             started = time.perf_counter()
             self._batch.decode()
@@ -244,25 +253,36 @@ class _PrefillFailed(RuntimeError):
 
 
 class _Batch:
-    """the rows decoding together: their key/value cache, attention mask and next input tokens."""
+    """the rows decoding together: their key/value cache, attention mask and next input tokens. Rows that finish
+    leave their keys and values to `prefixes`."""
 
-    def __init__(self, model):
+    def __init__(self, model, prefixes: PrefixCache):
         self.model = model
+        self.prefixes = prefixes
         self.rows: list[Generation] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None
         self.next_tokens: list[int] = []
 
-    def admit(self, newcomers: list[Generation]) -> None:
-        """prefill the newcomers together (left-padded), then merge them into the running batch."""
+    def admit(self, newcomers: list[Generation], prefixes: list) -> None:
+        """prefill the newcomers together, each from the end of its cached prefix (`prefixes`, from
+        `PrefixCache.longest`), then merge them into the running batch. Each row is its cached prefix left-padded to
+        the longest, then its new tokens left-padded to the most: the mask hides the padding, positions count only
+        real tokens."""
         device = self.model.device
-        width = max(g.prompt_tokens for g in newcomers)
-        input_ids = torch.tensor([[0] * (width - g.prompt_tokens) + g.prompt for g in newcomers], device=device)
-        mask = torch.tensor([[0] * (width - g.prompt_tokens) + [1] * g.prompt_tokens for g in newcomers], device=device)
-        cache = DynamicCache(config=self.model.config)
+        past = max(g.cached_tokens for g in newcomers)
+        width = max(g.prompt_tokens - g.cached_tokens for g in newcomers)
+        input_ids, mask = [], []
+        for generation in newcomers:
+            cached, new = generation.cached_tokens, generation.prompt[generation.cached_tokens:]
+            input_ids.append([0] * (width - len(new)) + new)
+            mask.append([0] * (past - cached) + [1] * cached + [0] * (width - len(new)) + [1] * len(new))
+        input_ids, mask = torch.tensor(input_ids, device=device), torch.tensor(mask, device=device)
+        cache = DynamicCache(_left_padded(newcomers, prefixes, past) if past else None, config=self.model.config)
         try:
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                                cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = self.model(input_ids=input_ids, attention_mask=mask,
+                                position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, past:], cache=cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
         except Exception as error:
             raise _PrefillFailed from error
         if self.rows:
@@ -301,13 +321,17 @@ class _Batch:
             generation.accept(token, logprobs.get(row))
 
     def drop_finished(self) -> None:
-        """remove finished and cancelled rows, and the cache columns no remaining row attends to."""
+        """remove finished and cancelled rows, leaving their keys and values to `prefixes`, and the cache columns no
+        remaining row attends to."""
         for generation in self.rows:
             if generation.cancelled:
                 generation.finish("cancelled")
         keep = [row for row, generation in enumerate(self.rows) if generation.state != "done"]
         if len(keep) == len(self.rows):
             return
+        for row, generation in enumerate(self.rows):
+            if generation.state == "done":
+                self._remember(row, generation)
         self.rows = [self.rows[row] for row in keep]
         self.next_tokens = [self.next_tokens[row] for row in keep]
         if not keep:
@@ -321,6 +345,35 @@ class _Batch:
             for layer in self.cache.layers:
                 layer.keys = layer.keys[:, :, first_used:]
                 layer.values = layer.values[:, :, first_used:]
+
+    def _remember(self, row: int, generation: Generation) -> None:
+        """give the prefix cache this row's keys and values, and the tokens they are of: the prompt and the answer
+        but its last token, which was never fed back."""
+        columns = self.mask[row].nonzero().squeeze(1)
+        tokens = tuple((generation.prompt + generation.tokens)[:len(columns)])
+        self.prefixes.store(tokens, [(layer.keys[row:row + 1, :, columns], layer.values[row:row + 1, :, columns])
+                                     for layer in self.cache.layers])
+
+
+def _left_padded(newcomers: list[Generation], prefixes: list, past: int) -> list:
+    """each layer's (keys, values) for a batch of newcomers: each one's cached prefix, left-padded to `past` tokens
+    (all padding for a newcomer without one)."""
+    model_states = next(states for states in prefixes if states)
+
+    def padded(states, cached: int, layer: int, which: int) -> torch.Tensor:
+        if states is None:
+            heads, size = model_states[layer][which].shape[1], model_states[layer][which].shape[3]
+            return model_states[layer][which].new_zeros(1, heads, past, size)
+        return F.pad(states[layer][which][:, :, :cached], (0, 0, past - cached, 0))
+
+    return [tuple(torch.cat([padded(states, g.cached_tokens, layer, which) for g, states in zip(newcomers, prefixes)])
+                  for which in (0, 1))
+            for layer in range(len(model_states))]
+
+
+def _reusable(model) -> bool:
+    """whether the model's cache is plain keys and values a prefix can be cut from (no sliding window, no state)."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
 
 def _merge(cache_a, mask_a, cache_b, mask_b):

@@ -27,6 +27,7 @@ class StreamedAnswer:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int | None = None  # of the prompt's, reused rather than computed; None where it is not known
 
     @property
     def cancelled(self) -> bool:
@@ -81,6 +82,7 @@ class Generation(StreamedAnswer):
         self.prompt = prepared.input_ids[0].tolist()
         self.max_new_tokens = prepared.max_new_tokens
         self.sampling = prepared.sampling
+        self.cached_tokens = 0  # set when it is admitted (see `PrefixCache`)
         self.tokens: list[int] = []
         self.logprobs: list[tuple[int, float, list]] = []  # (token, its logprob, [(alternative, logprob), ...])
         self._eos_ids = eos_ids

@@ -16,6 +16,7 @@ from tutorial_api.openai_schemas import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     Usage,
 )
 from tutorial_api.serving import answer_or_cancel, start_generation, stream_or_timeout
@@ -143,5 +144,7 @@ def _logprobs(tokenizer, entries) -> dict:
 
 
 def _usage(generation) -> Usage:
+    cached = generation.cached_tokens
     return Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens,
-                 total_tokens=generation.prompt_tokens + generation.completion_tokens)
+                 total_tokens=generation.prompt_tokens + generation.completion_tokens,
+                 prompt_tokens_details=None if cached is None else PromptTokensDetails(cached_tokens=cached))

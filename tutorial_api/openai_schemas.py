@@ -93,10 +93,15 @@ class ChatCompletionRequest(BaseModel):
         return [name for name in UNSUPPORTED if (self.model_extra or {}).get(name) is not None]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="the prompt's tokens whose keys and values a recent request had computed")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class AssistantMessage(BaseModel):

@@ -11,6 +11,8 @@ from typing import get_args
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6006
+# SmolLM2-135M keeps 23 KB a token in bf16, so about 11,000 tokens; Qwen2.5-7B 57 KB, about 4,600.
+PREFIX_CACHE_MB = 256
 # The number formats a model may compute in: "auto" picks one for the machine (see models.py).
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -120,6 +122,10 @@ class Settings:
                                    "most requests decoded together", int, valid=_at_least(1))
     max_waiting: int = _setting(64, "TUTORIAL_API_MAX_WAITING", "--max-waiting",
                                 "most requests waiting for the batch; more get 503", int, valid=_at_least(1))
+    prefix_cache_mb: int = _setting(PREFIX_CACHE_MB, "TUTORIAL_API_PREFIX_CACHE_MB", "--prefix-cache-mb",
+                                    "memory kept for recent conversations' keys and values, so that a prompt starting "
+                                    "as one did (a shared system prompt, a chat's history) computes only what is new; "
+                                    "0 turns it off", int, valid=_at_least(0))
     trust_remote_code: bool = _setting(
         False, "TUTORIAL_API_TRUST_REMOTE_CODE", "--trust-remote-code",
         "run Python code from the model's own repository, which some models need (Qwen-7B-Chat): only for a "
