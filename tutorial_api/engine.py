@@ -285,16 +285,15 @@ class _Batch:
                                 logits_to_keep=1).logits[:, -1]
         except Exception as error:
             raise _PrefillFailed from error
+        for generation in newcomers:
+            generation.state = "running"
+        first_tokens = self._take(logits, newcomers)  # streamed now, before the running rows' step
         if self.rows:
             self.decode()
             cache, mask = _merge(self.cache, self.mask, cache, mask)
         self.cache, self.mask = cache, mask
-        first_new_row = len(self.rows)
-        for generation in newcomers:
-            generation.state = "running"
         self.rows += newcomers
-        self.next_tokens += [0] * len(newcomers)
-        self._take(logits, first_new_row)
+        self.next_tokens += first_tokens
 
     def decode(self) -> None:
         """one decoding step for every row in the batch."""
@@ -309,16 +308,16 @@ class _Batch:
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
-        self._take(logits, 0)
+        self.next_tokens = self._take(logits, self.rows)
 
-    def _take(self, logits: torch.Tensor, first_row: int) -> None:
-        """choose each row's next token from its logits, starting at batch row `first_row`."""
-        rows = self.rows[first_row:]
+    @staticmethod
+    def _take(logits: torch.Tensor, rows: list[Generation]) -> list[int]:
+        """choose each row's next token from its logits and hand it to its request; the tokens, in row order."""
         tokens = sample(logits, rows)
         logprobs = token_logprobs(logits, tokens, rows)
         for row, (generation, token) in enumerate(zip(rows, tokens)):
-            self.next_tokens[first_row + row] = token
             generation.accept(token, logprobs.get(row))
+        return tokens
 
     def drop_finished(self) -> None:
         """remove finished and cancelled rows, leaving their keys and values to `prefixes`, and the cache columns no
