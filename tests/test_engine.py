@@ -2,6 +2,7 @@ import asyncio
 import logging
 import threading
 import time
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -92,6 +93,42 @@ def test_a_chats_next_turn_computes_only_what_is_new_and_answers_as_it_would_wit
                                  for p, h in ((PROMPTS[1], []), (PROMPTS[2], history)))
     assert cached == (first_prompt + 11 if prefix_cache_mb else 0)  # its prompt, and its answer but the last token
     assert prefilled == [first_prompt, next_prompt - cached]
+
+
+def test_newcomers_reusing_prefixes_of_different_lengths_or_none_prefill_together_and_answer_as_alone(tiny, faulty):
+    model, tokenizer = tiny
+    history = [[PROMPTS[1], "Once upon a time"]]
+    prepared = [prepare(model, tokenizer, build_messages(PROMPTS[2], history), max_new_tokens=10, temperature=0),
+                prepare(model, tokenizer, build_messages(PROMPTS[3], history), max_new_tokens=10, temperature=0),
+                prepare(model, tokenizer, build_messages(PROMPTS[0]), max_new_tokens=10, temperature=0)]
+    no_template = tokenizer("Once upon a time there was", return_tensors="pt").input_ids  # shares no first token
+    prepared.append(replace(prepared[0], input_ids=no_template))
+    prefill_rows = []
+    held = faulty(fails=lambda call, input_ids: input_ids.shape[1] > 1 and prefill_rows.append(input_ids.shape[0]))
+
+    async def alone(engine, submit):
+        answers = []
+        for one in prepared:
+            generation = engine.submit(one)
+            await generation.text()
+            answers.append(generation.tokens)
+        return answers
+
+    async def together(engine, submit):
+        await submit(PROMPTS[1], max_new_tokens=6, temperature=0).text()
+        held.gate = threading.Event()
+        submit(PROMPTS[4], max_new_tokens=1, temperature=0)
+        await asyncio.to_thread(held.entered.wait)  # the worker is busy: the newcomers all wait for the next step
+        generations = [engine.submit(p) for p in prepared]
+        held.gate.set()
+        await asyncio.gather(*(g.text() for g in generations))
+        return [g.tokens for g in generations], [g.cached_tokens for g in generations]
+
+    expected = run(tiny, alone, prefix_cache_mb=0)
+    answers, cached = run((held, tokenizer), together)
+    assert answers == expected
+    assert cached[0] == cached[1] > cached[2] > cached[3] == 0
+    assert prefill_rows[-1] == len(prepared)
 
 
 def test_each_request_keeps_its_own_sampling(tiny):
