@@ -361,8 +361,8 @@ def _left_padded(newcomers: list[Generation], prefixes: list, past: int) -> list
 
     def padded(states, cached: int, layer: int, which: int) -> torch.Tensor:
         if states is None:
-            heads, size = model_states[layer][which].shape[1], model_states[layer][which].shape[3]
-            return model_states[layer][which].new_zeros(1, heads, past, size)
+            like = model_states[layer][which]
+            return like.new_zeros(1, like.shape[1], past, like.shape[3])
         return F.pad(states[layer][which][:, :, :cached], (0, 0, past - cached, 0))
 
     return [tuple(torch.cat([padded(states, g.cached_tokens, layer, which) for g, states in zip(newcomers, prefixes)])

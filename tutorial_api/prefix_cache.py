@@ -6,7 +6,7 @@ from collections import OrderedDict
 import torch
 
 # A sequence's keys and values: one (keys, values) pair a layer, each [1, key/value heads, tokens, head size].
-LayerStates = list[tuple[torch.Tensor, torch.Tensor]]
+_LayerStates = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class PrefixCache:
@@ -15,9 +15,9 @@ class PrefixCache:
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
         self.bytes = 0
-        self._entries: OrderedDict[tuple[int, ...], LayerStates] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, ...], _LayerStates] = OrderedDict()
 
-    def longest(self, prompt: list[int]) -> tuple[int, LayerStates | None]:
+    def longest(self, prompt: list[int]) -> tuple[int, _LayerStates | None]:
         """how many of `prompt`'s first tokens are cached, and the states that begin with theirs; never the whole
         prompt, as its last token must be computed for the logits of the first answer token."""
         prompt, best, best_key = tuple(prompt), 0, None
@@ -30,7 +30,7 @@ class PrefixCache:
         self._entries.move_to_end(best_key)
         return best, self._entries[best_key]
 
-    def store(self, tokens: tuple[int, ...], states: LayerStates) -> None:
+    def store(self, tokens: tuple[int, ...], states: _LayerStates) -> None:
         """keep `tokens`' states; one that only repeats the start of another is not kept twice."""
         size = sum(keys.nbytes + values.nbytes for keys, values in states)
         if not tokens or size > self.budget_bytes:
