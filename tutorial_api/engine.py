@@ -28,11 +28,12 @@ logger = logging.getLogger(__name__)
 
 # After this many steps in a row fail, /health reports the engine unavailable until a step succeeds again.
 _UNHEALTHY_AFTER_FAILED_STEPS = 3
-# Newcomers prefill together up to this many prompt tokens a step, padding included (one newcomer at least); the rest
-# join at the next steps. Every running stream waits for a step's prefill: on the kit's 2-core test machine 512 tokens
-# take about 0.3 s, four pasted 512-token prompts at once 1.2 s. Smaller groups give a burst its first tokens sooner
-# but cost throughput: groups of 128 tokens took 16 requests arriving together from 320 to 210 ms to their first
-# token at p50, for 9% fewer tokens a second. A GPU prefills a few thousand tokens in about the time of one.
+# Newcomers prefill together up to this many new prompt tokens a step (past what the prefix cache holds), padding
+# included, one newcomer at least; the rest join at the next steps. Every running stream waits for a step's prefill:
+# on the kit's 2-core test machine 512 tokens take about 0.3 s, four pasted 512-token prompts at once 1.2 s. Smaller
+# groups give a burst its first tokens sooner but cost throughput: groups of 128 tokens took 16 requests arriving
+# together from 320 to 210 ms to their first token at p50, for 9% fewer tokens a second. A GPU prefills a few thousand
+# tokens in about the time of one.
 PREFILL_TOKENS_CPU = 512
 PREFILL_TOKENS_GPU = 4096
 

@@ -32,7 +32,7 @@ class PrefixCache:
 
     def store(self, tokens: tuple[int, ...], states: _LayerStates) -> None:
         """keep `tokens`' states; one that only repeats the start of another is not kept twice."""
-        size = sum(keys.nbytes + values.nbytes for keys, values in states)
+        size = _nbytes(states)
         if not tokens or size > self.budget_bytes:
             return
         for key in list(self._entries):
@@ -47,7 +47,11 @@ class PrefixCache:
             self._drop(next(iter(self._entries)))
 
     def _drop(self, key) -> None:
-        self.bytes -= sum(keys.nbytes + values.nbytes for keys, values in self._entries.pop(key))
+        self.bytes -= _nbytes(self._entries.pop(key))
+
+
+def _nbytes(states: _LayerStates) -> int:
+    return sum(keys.nbytes + values.nbytes for keys, values in states)
 
 
 def _common_length(a: tuple, b: tuple, most: int) -> int:
