@@ -6,7 +6,7 @@ from torch import nn
 
 from tutorial_api import load_model
 from tutorial_api.chat import build_messages
-from tutorial_api.packed_linear import PackedCopyLinear, PackedLinear, pack_linear_layers
+from tutorial_api.packed_linear import PackedCopyLinear, PackedLinear, PackedSiblings, SiblingPart, pack_linear_layers
 
 
 def greedy(model, tokenizer, new_tokens=16):
@@ -40,6 +40,30 @@ def test_the_default_models_output_layer_keeps_sharing_the_embedding(smollm2):
     assert greedy(model, smollm2[1], 8) == greedy(smollm2[0], smollm2[1], 8)
 
 
+def test_sibling_projections_multiply_once_and_keep_their_names_in_the_state_dict():
+    model, _ = load_model("tiny-qwen2", dtype="float32")
+    plain = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    attention = model.model.layers[0].self_attn
+    q, k, v = (copy.deepcopy(getattr(attention, name)) for name in ("q_proj", "k_proj", "v_proj"))
+    x = torch.randn(2, 3, q.in_features)
+    calls = []
+
+    pack_linear_layers(model)
+    multiply = attention.qkv_proj.forward
+    attention.qkv_proj.forward = lambda x: calls.append(x) or multiply(x)
+
+    assert isinstance(attention.qkv_proj, PackedSiblings) and isinstance(model.model.layers[0].mlp.up_proj, SiblingPart)
+    state = model.state_dict()
+    assert list(state) == list(plain) and all(torch.equal(state[name], plain[name]) for name in plain)
+    for layer, reference in ((attention.q_proj, q), (attention.k_proj, k), (attention.v_proj, v)):
+        torch.testing.assert_close(layer(x), reference(x))
+    assert len(calls) == 1
+    torch.testing.assert_close(attention.k_proj(x * 2), k(x * 2))
+    x.mul_(3)
+    torch.testing.assert_close(attention.v_proj(x), v(x))
+    assert len(calls) == 3
+
+
 def test_a_packed_copy_follows_the_weight_it_shares_when_edited_copied_or_converted():
     embedding, output = nn.Embedding(32, 16), nn.Linear(16, 32, bias=False)
     output.weight = embedding.weight
@@ -62,7 +86,7 @@ def test_moving_a_packed_model_unpacks_it_and_packs_it_again_on_the_cpu():
     model, tokenizer = load_model("tiny-qwen2", dtype="float32")
     plain = greedy(model, tokenizer)
     pack_linear_layers(model)
-    layer = model.model.layers[0].self_attn.q_proj
+    layer = model.model.layers[0].self_attn.o_proj
 
     model.to(torch.float64)
     assert not layer.weight.is_mkldnn and layer.weight.dtype == torch.float64

@@ -4,9 +4,14 @@ A decoding step multiplies one token's vector by every weight matrix of the mode
 reading weights. `torch.nn.Linear` hands oneDNN a plain matrix on each call; a weight reordered once into the
 blocked layout oneDNN reads fastest made a SmolLM2 decoding step about 1.6 times faster in bf16 on this project's
 test machine, with the same tokens. This is what torch's own compiler does for CPU inference (`freezing`).
+
+Sibling projections that read the same input (a layer's q, k and v; its gate and up) are packed as one matrix and
+multiplied once, as vLLM does. Each oneDNN call costs about 20 µs beyond reading its weights, so a SmolLM2 step, with
+90 calls fewer out of 211, took 15.0 instead of 15.7 ms for one request, and 24.7 instead of 25.7 ms for eight.
 """
 
 import copy
+import functools
 import logging
 
 import torch
@@ -15,6 +20,9 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 _PACKABLE = (torch.float32, torch.bfloat16)
+# sibling projections that Llama-style layers (Llama, Qwen2, Qwen3, Mistral, SmolLM2) call one after the other on the
+# same input, and the name their packed product takes, as in vLLM
+_SIBLINGS = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}
 
 
 class PackedLinear(nn.Linear):
@@ -56,10 +64,54 @@ class PackedLinear(nn.Linear):
         self.weight = _packed(self.weight)
 
     def __deepcopy__(self, memo):
-        return PackedLinear.packing(copy.deepcopy(self.unpacked(), memo))
+        return type(self).packing(copy.deepcopy(self.unpacked(), memo))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", packed for oneDNN" if self.weight.is_mkldnn else "")
+
+
+class PackedSiblings(PackedLinear):
+    """the packed product of sibling projections, their weights stacked: each sibling (`SiblingPart`) takes its own
+    columns of one multiplication. Siblings called in a row on the same tensor share that product; a sibling called
+    a second time, or on another tensor, or on a tensor changed since, multiplies afresh."""
+
+    def product(self, x: torch.Tensor, part: str) -> torch.Tensor:
+        version = _version(x)
+        last = self.__dict__.get("_last")
+        if last is None or last[0] is not x or last[1] != version or part in last[3]:
+            last = self._last = (x, version, self.forward(x), set())
+        last[3].add(part)
+        return last[2]
+
+    def __getstate__(self):
+        """a copy or a pickle leaves the last product behind."""
+        return {name: value for name, value in super().__getstate__().items() if name != "_last"}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """nothing: each sibling saves its own part, under its own name and in its own place."""
+
+
+class SiblingPart(nn.Module):
+    """one of sibling projections in its old place and under its old name, with no weight of its own: its columns
+    `start:stop` of their `PackedSiblings` product."""
+
+    def __init__(self, siblings: PackedSiblings, name: str, start: int, stop: int):
+        super().__init__()
+        self.__dict__["siblings"] = siblings  # held, not registered: the parent module owns it
+        self.name, self.start, self.stop = name, start, stop
+        self.in_features, self.out_features = siblings.in_features, stop - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.siblings.product(x, self.name)[..., self.start:self.stop]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        stacked = self.siblings.unpacked()
+        destination[prefix + "weight"] = stacked.weight[self.start:self.stop]
+        if stacked.bias is not None:
+            destination[prefix + "bias"] = stacked.bias[self.start:self.stop]
+
+    def extra_repr(self) -> str:
+        return f"columns {self.start}:{self.stop} of the packed product of its siblings"
 
 
 class PackedCopyLinear(nn.Linear):
@@ -86,11 +138,7 @@ class PackedCopyLinear(nn.Linear):
         weight = self.weight
         if not _packable(weight):
             return None
-        try:
-            version = weight._version
-        except RuntimeError:  # an inference tensor, made under torch.inference_mode: it keeps no version
-            version = None
-        stamp = (weight.data_ptr(), weight.dtype, version)
+        stamp = (weight.data_ptr(), weight.dtype, _version(weight))
         if self.__dict__.get("_stamp") != stamp:
             self._copy, self._stamp = _pack(weight), stamp
         return self._copy
@@ -106,18 +154,64 @@ class PackedCopyLinear(nn.Linear):
 def pack_linear_layers(model: nn.Module) -> int:
     """replace the model's CPU `nn.Linear` layers by `PackedLinear` ones, in place; how many were replaced.
 
-    An output layer that shares its weight with the token embedding keeps sharing it, and multiplies by a packed
-    copy (`PackedCopyLinear`). Nothing changes where this torch cannot pack (no oneDNN, another device, float16)."""
+    Sibling projections (q/k/v, gate/up) become one `PackedSiblings` matrix; the state dict still holds each
+    sibling's weight, under its name and in its place. An output layer that shares its weight with the token
+    embedding keeps sharing it, and multiplies by a packed copy (`PackedCopyLinear`). Nothing changes where this
+    torch cannot pack (no oneDNN, another device, float16)."""
     shared = {id(parameter) for module in model.modules() if not isinstance(module, nn.Linear)
               for parameter in module.parameters(recurse=False)}
     layers = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
               if type(child) is nn.Linear and _packable(child.weight)]
     if not layers or not _packing_works(layers[0][2].weight.dtype):
         return 0
+    for parent in {id(parent): parent for parent, _, _ in layers}.values():
+        for names, product in _SIBLINGS.items():
+            if _fusable(parent, names, shared):
+                _fuse(parent, names, product)
     for parent, name, child in layers:
+        if getattr(parent, name) is not child:  # fused with its siblings
+            continue
         setattr(parent, name, (PackedCopyLinear.sharing if id(child.weight) in shared else PackedLinear.packing)(child))
     logger.info("Packed %d linear layers for oneDNN", len(layers))
     return len(layers)
+
+
+def _fusable(parent: nn.Module, names: tuple[str, ...], shared: set[int]) -> bool:
+    siblings = [getattr(parent, name, None) for name in names]
+    return (all(type(sibling) is nn.Linear and _packable(sibling.weight) and id(sibling.weight) not in shared
+                for sibling in siblings)
+            and len({(s.in_features, s.weight.dtype, s.bias is None) for s in siblings}) == 1
+            and not hasattr(parent, _SIBLINGS[names]))
+
+
+def _fuse(parent: nn.Module, names: tuple[str, ...], product: str) -> None:
+    """replace `parent`'s sibling projections `names` by their `PackedSiblings`, registered as `product`."""
+    siblings = [getattr(parent, name) for name in names]
+    stacked = nn.Linear(siblings[0].in_features, sum(s.out_features for s in siblings),
+                        bias=siblings[0].bias is not None, device="meta")
+    stacked.weight = nn.Parameter(torch.cat([s.weight.detach() for s in siblings]), requires_grad=False)
+    if stacked.bias is not None:
+        stacked.bias = nn.Parameter(torch.cat([s.bias.detach() for s in siblings]), requires_grad=False)
+    fused = PackedSiblings.packing(stacked)
+    setattr(parent, product, fused)
+    start = 0
+    for name, sibling in zip(names, siblings):
+        setattr(parent, name, SiblingPart(fused, name, start, start + sibling.out_features))
+        start += sibling.out_features
+    parent.register_load_state_dict_pre_hook(functools.partial(_load_siblings, names=names, product=product))
+
+
+def _load_siblings(parent, state_dict, prefix, *args, names, product):
+    """a state dict's sibling weights and biases, stacked to load into their product."""
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{name}.{kind}" for name in names]
+        if all(key in state_dict for key in keys):
+            state_dict[f"{prefix}{product}.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """how often `x` was changed in place; None for an inference tensor, which keeps no count."""
+    return None if x.is_inference() else x._version
 
 
 def _packable(weight: torch.Tensor) -> bool:
