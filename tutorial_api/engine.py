@@ -264,6 +264,11 @@ class _Batch:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None
         self.next_tokens: list[int] = []
+        # When no row is padded, transformers drops a decoding step's mask and runs torch's grouped-query attention
+        # kernel, which in bf16 on a CPU took 25 instead of 20 ms a step of 8 rows, and 36 instead of 26 of 16. Given
+        # a 4-D mask, which it takes as is, it folds each key/value head's queries together instead. Only where every
+        # layer attends to all the past: a mask taken as is would override a sliding window.
+        self._mask_4d = model.device.type == "cpu" and model.config._attn_implementation == "sdpa" and _reusable(model)
 
     def admit(self, newcomers: list[Generation], prefixes: list) -> None:
         """prefill the newcomers together, each from the end of its cached prefix (`prefixes`, from
@@ -303,7 +308,7 @@ class _Batch:
         self.mask = torch.cat([self.mask, self.mask.new_ones(count, 1)], dim=1)
         logits = self.model(
             input_ids=torch.tensor(self.next_tokens, device=device)[:, None],
-            attention_mask=self.mask,
+            attention_mask=self.mask.bool()[:, None, None, :] if self._mask_4d else self.mask,
             position_ids=self.mask.sum(-1, keepdim=True) - 1,
             cache=self.cache,
             use_cache=True,
