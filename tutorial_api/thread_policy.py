@@ -26,9 +26,10 @@ MORE_MAY_LOSE = 1.1
 # started: fewer threads are tried at once. A step with one thread more that is this much slower ends its trial.
 SLOWDOWN = 2.0
 # Decoding seconds before the first routine trial of fewer threads (-1) and of more (+1), each wait doubled after a
-# trial that changes nothing. Fewer threads cost little to try on a quiet machine; more cost a slow step while a core
-# is busy.
-FIRST_WAIT = {-1: 1.0, 1: 30.0}
+# trial that changes nothing. Fewer threads cost little to try on a quiet machine; more cost one slow step while a core
+# is busy, but waiting 30 s for them kept a freed core idle: after a burst on vLLM, whose worker spins on for a while,
+# the kit served the next minute on one thread, 10 to 25% slower.
+FIRST_WAIT = {-1: 1.0, 1: 5.0}
 LONGEST_WAIT = 320.0
 
 
