@@ -81,7 +81,7 @@ def sample(logits: torch.Tensor, generations) -> list[int]:
     """the next token of each row of `logits`, by its generation's own settings."""
     settings = [generation.sampling for generation in generations]
     if all(setting.greedy_as_is for setting in settings):
-        # in float32: torch's CPU argmax over bf16 took 1.3 ms for 16 rows of SmolLM2's 49,152 logits, 0.25 ms so
+        # torch's CPU argmax took 1.3 ms over 16 rows of SmolLM2's 49,152 logits in bf16, and 0.25 ms in float32
         return logits.float().argmax(-1).tolist()
     scores = _penalised(logits.float(), generations)
     tokens = torch.empty(len(settings), dtype=torch.long, device=logits.device)
