@@ -13,9 +13,9 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from tutorial_api.chat import chat, prepare
+from tutorial_api.decode_step import decode_step_for, plain_cache
 from tutorial_api.generation import Generation
 from tutorial_api.models import context_length
 from tutorial_api.packed_linear import pack_linear_layers
@@ -87,7 +87,7 @@ class Engine:
         self._wakeup = threading.Condition()  # reentrant: a generation ending under it calls `forget`
         self._closing = False
         self._stopped = False
-        self.prefixes = PrefixCache(prefix_cache_mb * 2**20 if _reusable(model) else 0)
+        self.prefixes = PrefixCache(prefix_cache_mb * 2**20 if plain_cache(model) else 0)
         self._batch = _Batch(model, self.prefixes)
         self._threads: ThreadPolicy | None = None  # the worker's, on a CPU
         self._legacy_turn = asyncio.Lock()
@@ -264,11 +264,7 @@ class _Batch:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None
         self.next_tokens: list[int] = []
-        # When no row is padded, transformers drops a decoding step's mask and runs torch's grouped-query attention
-        # kernel, which in bf16 on a CPU took 25 instead of 20 ms a step of 8 rows, and 36 instead of 26 of 16. Given
-        # a 4-D mask, which it takes as is, it folds each key/value head's queries together instead. Only where every
-        # layer attends to all the past: a mask taken as is would override a sliding window.
-        self._mask_4d = model.device.type == "cpu" and model.config._attn_implementation == "sdpa" and _reusable(model)
+        self._decode_step = decode_step_for(model)
 
     def admit(self, newcomers: list[Generation], prefixes: list) -> None:
         """prefill the newcomers together, each from the end of its cached prefix (`prefixes`, from
@@ -306,14 +302,8 @@ class _Batch:
         count = len(self.rows)
         device = self.model.device
         self.mask = torch.cat([self.mask, self.mask.new_ones(count, 1)], dim=1)
-        logits = self.model(
-            input_ids=torch.tensor(self.next_tokens, device=device)[:, None],
-            attention_mask=self.mask.bool()[:, None, None, :] if self._mask_4d else self.mask,
-            position_ids=self.mask.sum(-1, keepdim=True) - 1,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
+        logits = self._decode_step(torch.tensor(self.next_tokens, device=device)[:, None], self.mask,
+                                   self.mask.sum(-1, keepdim=True) - 1, self.cache)
         self.next_tokens = self._take(logits, self.rows)
 
     @staticmethod
@@ -374,11 +364,6 @@ def _left_padded(newcomers: list[Generation], prefixes: list, past: int) -> list
     return [tuple(torch.cat([padded(states, g.cached_tokens, layer, which) for g, states in zip(newcomers, prefixes)])
                   for which in (0, 1))
             for layer in range(len(model_states))]
-
-
-def _reusable(model) -> bool:
-    """whether the model's cache is plain keys and values a prefix can be cut from (no sliding window, no state)."""
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
 
 def _merge(cache_a, mask_a, cache_b, mask_b):
