@@ -95,7 +95,7 @@ def test_a_chats_next_turn_computes_only_what_is_new_and_answers_as_it_would_wit
     assert prefilled == [first_prompt, next_prompt - cached]
 
 
-def test_newcomers_reusing_prefixes_of_different_lengths_or_none_prefill_together_and_answer_as_alone(tiny, faulty):
+def test_newcomers_reusing_prefixes_of_any_length_or_none_are_admitted_together_and_answer_as_alone(tiny, faulty):
     model, tokenizer = tiny
     history = [[PROMPTS[1], "Once upon a time"]]
     prepared = [prepare(model, tokenizer, build_messages(PROMPTS[2], history), max_new_tokens=10, temperature=0),
@@ -103,6 +103,7 @@ def test_newcomers_reusing_prefixes_of_different_lengths_or_none_prefill_togethe
                 prepare(model, tokenizer, build_messages(PROMPTS[0]), max_new_tokens=10, temperature=0)]
     no_template = tokenizer("Once upon a time there was", return_tensors="pt").input_ids  # shares no first token
     prepared.append(replace(prepared[0], input_ids=no_template))
+    prepared.append(prepare(model, tokenizer, build_messages(PROMPTS[1]), max_new_tokens=10, temperature=0))
     prefill_rows = []
     held = faulty(fails=lambda call, input_ids: input_ids.shape[1] > 1 and prefill_rows.append(input_ids.shape[0]))
 
@@ -128,7 +129,32 @@ def test_newcomers_reusing_prefixes_of_different_lengths_or_none_prefill_togethe
     answers, cached = run((held, tokenizer), together)
     assert answers == expected
     assert cached[0] == cached[1] > cached[2] > cached[3] == 0
-    assert prefill_rows[-1] == len(prepared)
+    assert cached[4] == prepared[4].input_ids.shape[1] - 1  # all but its last token: it joins with no prefill
+    assert prefill_rows[-1] == len(prepared) - 1
+
+
+def test_a_prompt_cached_but_for_its_last_token_joins_the_running_rows_with_no_prefill_and_answers_as_alone(tiny,
+                                                                                                          faulty):
+    forwards = []  # each forward's input ids: [rows, new tokens]
+    held = faulty(fails=lambda call, input_ids: forwards.append(tuple(input_ids.shape)))
+
+    async def scenario(engine, submit):
+        await submit(PROMPTS[1], max_new_tokens=3, temperature=0).text()  # its prompt stays in the prefix cache
+        running = submit(PROMPTS[0], max_new_tokens=30, temperature=0)
+        await first_piece(running)
+        held.gate = threading.Event()
+        await asyncio.to_thread(held.entered.wait)  # the worker is in a step: the newcomer waits for the next
+        forwards.clear()
+        again = submit(PROMPTS[1], max_new_tokens=10, temperature=0)
+        held.gate.set()
+        answers = await asyncio.gather(running.text(), again.text())
+        return [answer.strip() for answer in answers], again.prompt_tokens - again.cached_tokens
+
+    answers, computed = run((held, tiny[1]), scenario)
+    assert answers == [chat(*tiny, PROMPTS[0], max_new_tokens=30, temperature=0)[0],
+                       chat(*tiny, PROMPTS[1], max_new_tokens=10, temperature=0)[0]]
+    assert computed == 1
+    assert forwards[:2] == [(1, 1), (2, 1)]  # the step it waited for, then one step for both rows
 
 
 def test_each_request_keeps_its_own_sampling(tiny):

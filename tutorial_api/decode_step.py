@@ -70,7 +70,8 @@ class _LlamaStyleStep:
         self.head_dim = model.model.layers[0].self_attn.head_dim
 
     def __call__(self, input_ids, mask, position_ids, cache) -> torch.Tensor:
-        inner, rows, heads, kv_heads, head_dim = self.model.model, len(input_ids), self.heads, self.kv_heads, self.head_dim
+        inner, rows = self.model.model, len(input_ids)
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         hidden = inner.embed_tokens(input_ids)
         cos, sin = (part.unsqueeze(1) for part in inner.rotary_emb(hidden, position_ids))
         mask = mask.bool()[:, None, None, :]

@@ -267,10 +267,35 @@ class _Batch:
         self._decode_step = decode_step_for(model)
 
     def admit(self, newcomers: list[Generation], prefixes: list) -> None:
-        """prefill the newcomers together, each from the end of its cached prefix (`prefixes`, from
-        `PrefixCache.longest`), then merge them into the running batch. Each row is its cached prefix left-padded to
-        the longest, then its new tokens left-padded to the most: the mask hides the padding, positions count only
-        real tokens."""
+        """bring the newcomers into the batch, each from the end of its cached prefix (`prefixes`, from
+        `PrefixCache.longest`), and decode a step for the running rows. A newcomer whose prompt is cached but for its
+        last token needs no prefill, as in vLLM: it joins the running rows at once, and its first token comes from
+        their step (`_join`). The others are prefilled together first (`_prefill`)."""
+        joining = [row for row, generation in enumerate(newcomers)
+                   if prefixes[row] and generation.prompt_tokens - generation.cached_tokens == 1]
+        prefilling = [row for row in range(len(newcomers)) if row not in joining]
+        if joining:
+            self._join([newcomers[row] for row in joining], [prefixes[row] for row in joining])
+        if prefilling:
+            self._prefill([newcomers[row] for row in prefilling], [prefixes[row] for row in prefilling])
+        else:
+            self.decode()
+
+    def _join(self, newcomers: list[Generation], prefixes: list) -> None:
+        """make rows of newcomers whose prompt is cached but for its last token: their cached keys and values,
+        left-padded to the longest, with that last token as their next input."""
+        past = max(g.cached_tokens for g in newcomers)
+        cache = DynamicCache(_left_padded(newcomers, prefixes, past), config=self.model.config)
+        mask = torch.tensor([[0] * (past - g.cached_tokens) + [1] * g.cached_tokens for g in newcomers],
+                            device=self.model.device)
+        for generation in newcomers:
+            generation.state = "running"
+        self._add(newcomers, cache, mask, [g.prompt[-1] for g in newcomers])
+
+    def _prefill(self, newcomers: list[Generation], prefixes: list) -> None:
+        """prefill the newcomers together, stream their first tokens, decode a step for the running rows, then merge
+        the newcomers in. Each row is its cached prefix left-padded to the longest, then its new tokens left-padded
+        to the most: the mask hides the padding, positions count only real tokens."""
         device = self.model.device
         past = max(g.cached_tokens for g in newcomers)
         width = max(g.prompt_tokens - g.cached_tokens for g in newcomers)
@@ -292,10 +317,15 @@ class _Batch:
         first_tokens = self._take(logits, newcomers)  # streamed now, before the running rows' step
         if self.rows:
             self.decode()
+        self._add(newcomers, cache, mask, first_tokens)
+
+    def _add(self, newcomers: list[Generation], cache: DynamicCache, mask: torch.Tensor, next_tokens: list[int]):
+        """merge the newcomers' cache and mask into the batch's, left-padding the narrower."""
+        if self.rows:
             cache, mask = _merge(self.cache, self.mask, cache, mask)
         self.cache, self.mask = cache, mask
         self.rows += newcomers
-        self.next_tokens += first_tokens
+        self.next_tokens += next_tokens
 
     def decode(self) -> None:
         """one decoding step for every row in the batch."""
