@@ -269,17 +269,18 @@ class _Batch:
     def admit(self, newcomers: list[Generation], prefixes: list) -> None:
         """bring the newcomers into the batch, each from the end of its cached prefix (`prefixes`, from
         `PrefixCache.longest`), and decode a step for the running rows. A newcomer whose prompt is cached but for its
-        last token needs no prefill, as in vLLM: it joins the running rows at once, and its first token comes from
-        their step (`_join`). The others are prefilled together first (`_prefill`)."""
+        last token needs no prefill, as in vLLM: it joins the running rows at once (`_join`), and its first token
+        comes from their step, which then runs first, as the shorter wait. The others are prefilled together
+        (`_prefill`)."""
         joining = [row for row, generation in enumerate(newcomers)
                    if prefixes[row] and generation.prompt_tokens - generation.cached_tokens == 1]
         prefilling = [row for row in range(len(newcomers)) if row not in joining]
         if joining:
             self._join([newcomers[row] for row in joining], [prefixes[row] for row in joining])
-        if prefilling:
-            self._prefill([newcomers[row] for row in prefilling], [prefixes[row] for row in prefilling])
-        else:
             self.decode()
+        if prefilling:
+            self._prefill([newcomers[row] for row in prefilling], [prefixes[row] for row in prefilling],
+                          decode_running=not joining)
 
     def _join(self, newcomers: list[Generation], prefixes: list) -> None:
         """make rows of newcomers whose prompt is cached but for its last token: their cached keys and values,
@@ -292,9 +293,9 @@ class _Batch:
             generation.state = "running"
         self._add(newcomers, cache, mask, [g.prompt[-1] for g in newcomers])
 
-    def _prefill(self, newcomers: list[Generation], prefixes: list) -> None:
-        """prefill the newcomers together, stream their first tokens, decode a step for the running rows, then merge
-        the newcomers in. Each row is its cached prefix left-padded to the longest, then its new tokens left-padded
+    def _prefill(self, newcomers: list[Generation], prefixes: list, decode_running: bool) -> None:
+        """prefill the newcomers together, stream their first tokens, decode a step for the running rows unless
+        `decode_running` is False, then merge the newcomers in. Each row is its cached prefix left-padded to the longest, then its new tokens left-padded
         to the most: the mask hides the padding, positions count only real tokens."""
         device = self.model.device
         past = max(g.cached_tokens for g in newcomers)
@@ -315,7 +316,7 @@ class _Batch:
         for generation in newcomers:
             generation.state = "running"
         first_tokens = self._take(logits, newcomers)  # streamed now, before the running rows' step
-        if self.rows:
+        if self.rows and decode_running:
             self.decode()
         self._add(newcomers, cache, mask, first_tokens)
 
