@@ -1,4 +1,5 @@
 import copy
+import weakref
 
 import pytest
 import torch
@@ -58,9 +59,15 @@ def test_sibling_projections_multiply_once_and_keep_their_names_in_the_state_dic
     for layer, reference in ((attention.q_proj, q), (attention.k_proj, k), (attention.v_proj, v)):
         torch.testing.assert_close(layer(x), reference(x))
     assert len(calls) == 1
-    torch.testing.assert_close(attention.k_proj(x * 2), k(x * 2))
+    calls.clear()
+    held = weakref.ref(x)
+    del x
+    assert held() is None  # v took the last columns: neither the input nor the product is kept
+    x = torch.randn(2, 3, q.in_features)
+    torch.testing.assert_close(attention.q_proj(x), q(x))
     x.mul_(3)
-    torch.testing.assert_close(attention.v_proj(x), v(x))
+    torch.testing.assert_close(attention.k_proj(x), k(x))
+    torch.testing.assert_close(attention.v_proj(x * 2), v(x * 2))
     assert len(calls) == 3
 
 

@@ -13,6 +13,7 @@ multiplied once, as vLLM does. Each oneDNN call costs about 20 µs beyond readin
 import copy
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -73,22 +74,36 @@ class PackedLinear(nn.Linear):
 class PackedSiblings(PackedLinear):
     """the packed product of sibling projections, their weights stacked: each sibling (`SiblingPart`) takes its own
     columns of one multiplication. Siblings called in a row on the same tensor share that product; a sibling called
-    a second time, or on another tensor, or on a tensor changed since, multiplies afresh."""
+    a second time, or on another tensor, or on a tensor changed since, multiplies afresh. Once the sibling with the
+    last columns has taken its part, the product and its input are let go: after a 512-token prefill of SmolLM2,
+    they held about 150 MB."""
 
-    def product(self, x: torch.Tensor, part: str) -> torch.Tensor:
+    def product(self, x: torch.Tensor, part: str, *, last: bool) -> torch.Tensor:
         version = _version(x)
-        last = self.__dict__.get("_last")
-        if last is None or last[0] is not x or last[1] != version or part in last[3]:
-            last = self._last = (x, version, self.forward(x), set())
-        last[3].add(part)
-        return last[2]
+        shared = self.__dict__.pop("_shared", None)
+        if shared is None or shared.x is not x or shared.version != version or part in shared.taken:
+            shared = _SharedProduct(x, version, self.forward(x), set())
+        shared.taken.add(part)
+        if not last:
+            self._shared = shared
+        return shared.product
 
     def __getstate__(self):
-        """a copy or a pickle leaves the last product behind."""
-        return {name: value for name, value in super().__getstate__().items() if name != "_last"}
+        """a copy or a pickle leaves the shared product behind."""
+        return {name: value for name, value in super().__getstate__().items() if name != "_shared"}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """nothing: each sibling saves its own part, under its own name and in its own place."""
+
+
+@dataclass
+class _SharedProduct:
+    """the last multiplication of packed siblings: its input as it was then (`version`), and the parts taken."""
+
+    x: torch.Tensor
+    version: int | None
+    product: torch.Tensor
+    taken: set[str]
 
 
 class SiblingPart(nn.Module):
@@ -102,7 +117,8 @@ class SiblingPart(nn.Module):
         self.in_features, self.out_features = siblings.in_features, stop - start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.siblings.product(x, self.name)[..., self.start:self.stop]
+        product = self.siblings.product(x, self.name, last=self.stop == self.siblings.out_features)
+        return product[..., self.start:self.stop]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         stacked = self.siblings.unpacked()
