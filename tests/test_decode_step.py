@@ -12,7 +12,7 @@ from tutorial_api.packed_linear import pack_linear_layers
 PROMPTS = [[5, 17, 260, 33, 101, 7], [9, 48, 2001], [300, 41, 77, 12]]
 
 
-def decode(model, step, tokens=6):
+def decode(model, step, tokens=40):
     """prefill PROMPTS left-padded, then decode greedily with `step`: each step's logits."""
     width = max(map(len, PROMPTS))
     input_ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
@@ -88,4 +88,4 @@ def test_a_model_the_plain_loop_does_not_fit_decodes_through_its_own_forward(var
     assert not isinstance(step, _LlamaStyleStep)
     torch.testing.assert_close(decode(model, step), decode(model, transformers_forward(model)))
     if variant == "hooked":
-        assert len(calls) == 2 * 7  # the prefill and six steps, twice
+        assert len(calls) == 2 * 41  # the prefill and 40 steps, twice
