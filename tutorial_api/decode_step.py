@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from tutorial_api.packed_linear import PackedSiblings
@@ -22,7 +22,8 @@ from tutorial_api.packed_linear import PackedSiblings
 # A step: (input ids [rows, 1], mask [rows, columns] with 1 over real tokens, position ids [rows, 1], cache) -> logits
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache], torch.Tensor]
 
-_LLAMA_STYLE = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+# transformers' own classes, by name: importing them costs a second and a half
+_LLAMA_STYLE = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 
 
 def decode_step_for(model) -> DecodeStep:
@@ -52,7 +53,8 @@ def _transformers_step(model, input_ids, mask, position_ids, cache, *, mask_4d: 
 def _llama_style(model) -> bool:
     """a Llama-style model of transformers' own class, its forward not replaced, no module hooked, and its q/k/v and
     gate/up projections packed together."""
-    return (type(model) in _LLAMA_STYLE and "forward" not in vars(model)
+    return (type(model).__name__ in _LLAMA_STYLE and type(model).__module__.startswith("transformers.models.")
+            and "forward" not in vars(model)
             and not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
             and all(isinstance(getattr(layer.self_attn, "qkv_proj", None), PackedSiblings)
                     and isinstance(getattr(layer.mlp, "gate_up_proj", None), PackedSiblings)

@@ -295,8 +295,9 @@ class _Batch:
 
     def _prefill(self, newcomers: list[Generation], prefixes: list, decode_running: bool) -> None:
         """prefill the newcomers together, stream their first tokens, decode a step for the running rows unless
-        `decode_running` is False, then merge the newcomers in. Each row is its cached prefix left-padded to the longest, then its new tokens left-padded
-        to the most: the mask hides the padding, positions count only real tokens."""
+        `decode_running` is False, then merge the newcomers in. Each row is its cached prefix left-padded to the
+        longest, then its new tokens left-padded to the most: the mask hides the padding, positions count only real
+        tokens."""
         device = self.model.device
         past = max(g.cached_tokens for g in newcomers)
         width = max(g.prompt_tokens - g.cached_tokens for g in newcomers)
@@ -320,8 +321,10 @@ class _Batch:
             self.decode()
         self._add(newcomers, cache, mask, first_tokens)
 
-    def _add(self, newcomers: list[Generation], cache: DynamicCache, mask: torch.Tensor, next_tokens: list[int]):
-        """merge the newcomers' cache and mask into the batch's, left-padding the narrower."""
+    def _add(self, newcomers: list[Generation], cache: DynamicCache, mask: torch.Tensor,
+             next_tokens: list[int]) -> None:
+        """add the newcomers as rows: their cache and mask merged into the batch's (the narrower left-padded), their
+        next input tokens after the batch's."""
         if self.rows:
             cache, mask = _merge(self.cache, self.mask, cache, mask)
         self.cache, self.mask = cache, mask
