@@ -45,13 +45,13 @@ def test_a_packed_qwen2_decodes_without_transformers_wrappers_and_the_same_logit
     expected = decode(model, transformers_forward(model))
     if dtype == torch.float32:
         torch.testing.assert_close(decode(model, step), expected)
-    else:  # the same kernels on the same numbers: bf16's rounding leaves no room for another order of operations
+    else:  # bf16 rounds at every op: the same logits only from the same ops, as transformers' with a 4-D mask runs
         assert torch.equal(decode(model, step), decode(model, decode_step_for(_replaced_forward(model))))
         assert torch.equal(decode(model, step).argmax(-1), expected.argmax(-1))
 
 
 def _replaced_forward(model):
-    """a copy of `model` whose instance forward wraps the class's."""
+    """a copy of `model` with its forward set on the instance, as the fixtures that slow or fault a model do."""
     copied = copy.deepcopy(model)
     copied.forward = copied.forward
     return copied
