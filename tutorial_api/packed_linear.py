@@ -182,7 +182,7 @@ def pack_linear_layers(model: nn.Module) -> int:
         return 0
     for parent in {id(parent): parent for parent, _, _ in layers}.values():
         for names, product in _SIBLINGS.items():
-            if _fusable(parent, names, shared):
+            if _fusable(parent, names, product, shared):
                 _fuse(parent, names, product)
     for parent, name, child in layers:
         if getattr(parent, name) is not child:  # fused with its siblings
@@ -192,12 +192,12 @@ def pack_linear_layers(model: nn.Module) -> int:
     return len(layers)
 
 
-def _fusable(parent: nn.Module, names: tuple[str, ...], shared: set[int]) -> bool:
+def _fusable(parent: nn.Module, names: tuple[str, ...], product: str, shared: set[int]) -> bool:
     siblings = [getattr(parent, name, None) for name in names]
     return (all(type(sibling) is nn.Linear and _packable(sibling.weight) and id(sibling.weight) not in shared
                 for sibling in siblings)
             and len({(s.in_features, s.weight.dtype, s.bias is None) for s in siblings}) == 1
-            and not hasattr(parent, _SIBLINGS[names]))
+            and not hasattr(parent, product))
 
 
 def _fuse(parent: nn.Module, names: tuple[str, ...], product: str) -> None:
