@@ -7,7 +7,8 @@ from torch import nn
 
 from tutorial_api import load_model
 from tutorial_api.chat import build_messages
-from tutorial_api.packed_linear import PackedCopyLinear, PackedLinear, PackedSiblings, SiblingPart, pack_linear_layers
+from tutorial_api.packed_linear import (PackedCopyLinear, PackedLinear, PackedSiblings, SiblingPart, pack_linear_layers,
+                                        packing_works)
 
 
 def greedy(model, tokenizer, new_tokens=16):
@@ -18,12 +19,13 @@ def greedy(model, tokenizer, new_tokens=16):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_packed_model_answers_token_for_token_as_the_plain_one(dtype):
+    """Where this CPU cannot pack a dtype (bf16 without AVX512-BW), every layer stays plain and answers the same."""
     model, tokenizer = load_model("tiny-qwen2", dtype=dtype)
     plain = greedy(model, tokenizer)
     linear_layers = sum(type(module) is nn.Linear for module in model.modules())
 
-    assert pack_linear_layers(model) == linear_layers
-    assert all(type(module) is not nn.Linear for module in model.modules())
+    assert pack_linear_layers(model) == (linear_layers if packing_works(dtype) else 0)
+    assert all(type(module) is not nn.Linear for module in model.modules()) == packing_works(dtype)
     assert greedy(model, tokenizer) == plain
 
 

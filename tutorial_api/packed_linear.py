@@ -178,7 +178,7 @@ def pack_linear_layers(model: nn.Module) -> int:
               for parameter in module.parameters(recurse=False)}
     layers = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
               if type(child) is nn.Linear and _packable(child.weight)]
-    if not layers or not _packing_works(layers[0][2].weight.dtype):
+    if not layers:
         return 0
     for parent in {id(parent): parent for parent, _, _ in layers}.values():
         for names, product in _SIBLINGS.items():
@@ -231,7 +231,8 @@ def _version(x: torch.Tensor) -> int | None:
 
 
 def _packable(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in _PACKABLE and torch.backends.mkldnn.is_available()
+    on_cpu = weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+    return on_cpu and weight.dtype in _PACKABLE and packing_works(weight.dtype)
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -243,9 +244,13 @@ def _packed(weight: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(_pack(weight), requires_grad=False) if _packable(weight) else weight
 
 
-def _packing_works(dtype: torch.dtype) -> bool:
-    """whether this torch build packs and multiplies `dtype` weights: the ops are torch's internals, so a build
-    without them, or with a bf16 path this CPU lacks, keeps the plain layers."""
+@functools.cache
+def packing_works(dtype: torch.dtype) -> bool:
+    """Tell whether this torch packs and multiplies `dtype` weights on this CPU.
+
+    The ops are torch's internals: a build without them, or a CPU without oneDNN's bf16 path (which needs
+    AVX512-BW/VL/DQ or AVX-NE-CONVERT), keeps the plain layers.
+    """
     weight, x = torch.ones(4, 8, dtype=dtype), torch.ones(2, 8, dtype=dtype)
     try:
         y = torch.ops.mkldnn._linear_pointwise(x, _pack(weight), None, "none", [], "")
