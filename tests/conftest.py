@@ -13,14 +13,14 @@ from tutorial_api import create_app, load_model, start_server  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    """tests marked `gpu` need CUDA: skipped where there is none."""
+    """Skip tests marked `gpu` where there is no CUDA; a `real_model` test is `slow` too."""
     import torch
 
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA GPU")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "real_model" in item.keywords:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tutorial_api import create_app, start_server
 
+pytestmark = pytest.mark.slow
 KEY = "fuzzing-key"
 APP = create_app("tiny-qwen2", api_keys=[f"fuzzer:{KEY}"], max_new_tokens=8, max_history_turns=4,
                  max_concurrent_per_key=2, request_timeout=30)

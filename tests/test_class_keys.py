@@ -18,6 +18,7 @@ def make_keys(*arguments):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_keys_writes_a_key_file_and_prints_the_student_sheet(tmp_path):
     key_file = tmp_path / "class-keys.txt"
     result = make_keys("12", "--prefix", "group", "--file", str(key_file), "--url", URL)

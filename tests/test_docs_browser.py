@@ -14,8 +14,10 @@ from selenium.webdriver.support import expected_conditions as shown  # noqa: E40
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                reason="Chromium is not installed: apt-get install chromium chromium-driver")
+PACKAGES = {"chromium": "chromium", "chromedriver": "chromium-driver"}  # Debian's package for each command
+MISSING = {command: package for command, package in PACKAGES.items() if not shutil.which(command)}
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(MISSING), reason=f"{' and '.join(MISSING)} not found: "
+                                                                         f"apt-get install {' '.join(MISSING.values())}")]
 KEY = "browser-key"
 
 

@@ -60,6 +60,7 @@ def test_importing_the_hello_app_and_the_client_loads_no_torch():
     assert imported.stdout.strip() == "[]", imported.stdout
 
 
+@pytest.mark.slow
 def test_the_package_names_load_on_first_use():
     """each public name is what it was before the imports became lazy, whatever was imported first."""
     checked = subprocess.run(

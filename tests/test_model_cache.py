@@ -40,6 +40,7 @@ def write_weights(content: bytes):
     return build
 
 
+@pytest.mark.slow
 def test_two_processes_loading_at_once_from_an_empty_cache_both_succeed_and_convert_once(tmp_path):
     environment = {**os.environ, "TUTORIAL_API_CACHE": str(tmp_path)}
     loaders = [subprocess.Popen([sys.executable, "-c", LOADER], env=environment, stdin=subprocess.PIPE,

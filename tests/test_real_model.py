@@ -9,7 +9,6 @@ import torch
 from tutorial_api import chat, create_app, load_model, start_server
 from tutorial_api.chat import build_messages, prepare
 from tutorial_api.engine import Engine
-from tutorial_api.models import cpu_has_native_bf16
 
 pytestmark = pytest.mark.real_model
 
@@ -20,10 +19,10 @@ def test_greedy_answer_names_paris(smollm2):
     assert history == [["What is the capital of France?", response]]
 
 
-def test_served_on_the_tutorials_port_with_the_tutorials_request():
-    server = start_server(create_app(), port=6006, log_level="warning")
+def test_served_with_the_tutorials_request():
+    server = start_server(create_app(), port=0, log_level="warning")  # 6006 may hold the README's own server
     try:
-        answer = requests.post("http://127.0.0.1:6006", headers={"Content-Type": "application/json"},
+        answer = requests.post(server.url, headers={"Content-Type": "application/json"},
                                json={"prompt": "What is the capital of France?", "history": [], "temperature": 0})
     finally:
         server.stop()
@@ -32,21 +31,27 @@ def test_served_on_the_tutorials_port_with_the_tutorials_request():
     assert body["history"] == [["What is the capital of France?", body["response"]]]
 
 
-# English and Chinese prompts whose greedy answers, 32 tokens long, bf16 leaves word for word as they are in fp32.
-SAME_IN_BF16 = ["What is the capital of France?", "What is 2 + 2?", "Give me three tips for learning Python.",
-                "Write a haiku about the sea.", "你好", "用一句话介绍一下你自己。", "中国的首都是哪里？"]
+PROMPTS = ["What is the capital of France?", "What is 2 + 2?", "Give me three tips for learning Python.",
+           "Write a haiku about the sea.", "你好", "用一句话介绍一下你自己。", "中国的首都是哪里？"]
 
 
-@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16, so dtype auto computes in float32 "
-                                                      "here: there is no bf16 answer of the default to compare")
-def test_the_default_models_greedy_answers_in_bf16_equal_its_answers_in_fp32():
-    answers = {}
-    for dtype in ("float32", "bfloat16"):
-        model, tokenizer = load_model("smollm2-135m", dtype=dtype)
-        assert model.dtype == getattr(torch, dtype)
-        answers[dtype] = [chat(model, tokenizer, prompt, temperature=0, max_new_tokens=32)[0] for prompt in SAME_IN_BF16]
-    assert answers["bfloat16"] == answers["float32"]
-    assert all(answers["float32"])
+def test_bf16_picks_fp32s_greedy_token_at_almost_every_position():
+    """bf16 rounds differently on each CPU (AMX, AVX512-BF16, emulation), and one different token sends a greedy
+    answer elsewhere, so its answers are not compared word for word: given fp32's answers, bf16 must choose the
+    same next token at 95% of their positions (the README says so)."""
+    model, tokenizer = load_model("smollm2-135m", dtype="float32")
+    bf16_model, _ = load_model("smollm2-135m", dtype="bfloat16")
+    same = total = 0
+    for prompt in PROMPTS:
+        input_ids = prepare(model, tokenizer, build_messages(prompt), temperature=0).input_ids
+        start = input_ids.shape[-1]
+        with torch.inference_mode():
+            tokens = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=32,
+                                    do_sample=False)[0]
+            picked = bf16_model(tokens[None, :-1]).logits[0, start - 1:].argmax(-1)
+        same += (picked == tokens[start:]).sum().item()
+        total += len(picked)
+    assert total >= 7 * 8 and same / total >= 0.95, f"bf16 chose fp32's token at {same} of {total} positions"
 
 
 def test_a_chats_next_turn_from_the_prefix_cache_answers_as_computed_afresh():

@@ -117,6 +117,7 @@ def open_sockets():
 """
 
 
+@pytest.mark.slow
 def test_ten_reruns_of_a_serving_cell_leak_no_thread_port_or_socket(kernel):
     port = free_port()
     cell = (f"server = start_server(create_app('tiny-qwen2'), port={port}, log_level='warning')\n"

@@ -68,6 +68,7 @@ def test_a_server_that_is_not_there_or_refuses_the_key_stops_the_rehearsal_at_on
         soak.main(["--url", nobody])
 
 
+@pytest.mark.slow
 def test_a_rehearsal_against_a_running_server_passes_and_says_what_happened(class_server):
     url, key_file = class_server
     result = subprocess.run([sys.executable, str(BENCHMARKS / "soak.py"), "--url", url, "--api-key-file",
@@ -81,6 +82,7 @@ def test_a_rehearsal_against_a_running_server_passes_and_says_what_happened(clas
     assert "FAIL" not in result.stdout and "PASS: no request lost, malformed or answered with a server error" in lines
 
 
+@pytest.mark.slow
 def test_the_capacity_table_has_a_row_for_each_class_size_and_share(class_server, capsys):
     url, key_file = class_server
     with pytest.raises(SystemExit) as finished:

@@ -349,6 +349,7 @@ def transformers_serve(tiny, tmp_path_factory):
         process.wait(30)
 
 
+@pytest.mark.slow
 def test_the_kit_answers_through_transformers_serve(kits, transformers_serve, log_lines):
     front = kits(upstream=f"{transformers_serve}/v1", api_keys=["alice:a-key"])
     key = {"Authorization": "Bearer a-key"}
@@ -368,6 +369,7 @@ def test_the_kit_answers_through_transformers_serve(kits, transformers_serve, lo
     assert requests.get(f"{front.url}/health").json()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_a_client_that_hangs_up_closes_the_request_to_transformers_serve(kits, transformers_serve, decoding):
     front = kits(upstream=f"{transformers_serve}/v1")
     with requests.post(f"{front.url}{CHAT}", json={"messages": HELLO, "max_tokens": 500, "stream": True},
