@@ -112,4 +112,4 @@ def test_legacy_models_use_their_own_chat(tiny):
     response, history = chat(model, tokenizer, "你好", [["a", "b"]], temperature=0, max_length=100)
     assert response == "echo: 你好"
     assert history == [["a", "b"], ["你好", "echo: 你好"]]
-    assert model.seen == ("你好", [("a", "b")], {"max_length": 100, "do_sample": False})
+    assert model.seen == ("你好", [("a", "b")], {"max_length": 100, "max_new_tokens": 512, "do_sample": False})

@@ -8,8 +8,8 @@ import time
 import pytest
 import requests
 
-from tutorial_api.cli import main
-from tutorial_api.server import PortInUse, bind
+from tutorial_api.cli import _parser, _settings_from, main
+from tutorial_api.server import PortInUse, bind, network_address
 
 
 def free_port() -> int:
@@ -18,6 +18,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_serve_listens_on_loopback_answers_and_stops_on_ctrl_c():
     port = free_port()
     server = subprocess.Popen(
@@ -49,6 +50,7 @@ def test_serve_listens_on_loopback_answers_and_stops_on_ctrl_c():
     assert '"POST / HTTP/1.1"' not in output  # the kit's line replaces uvicorn's access log
 
 
+@pytest.mark.slow
 def test_chat_answers_one_prompt_in_the_terminal():
     result = subprocess.run(
         [sys.executable, "-m", "tutorial_api", "chat", "你好", "--model", "tiny-qwen2", "--max-length", "60"],
@@ -58,6 +60,7 @@ def test_chat_answers_one_prompt_in_the_terminal():
     assert result.stdout.strip()
 
 
+@pytest.mark.slow
 def test_help_names_the_presets_and_the_default_port():
     result = subprocess.run([sys.executable, "-m", "tutorial_api", "serve", "--help"],
                             capture_output=True, text=True, timeout=60)
@@ -126,6 +129,7 @@ def test_an_unreadable_key_file_stops_the_start_clearly(served, tmp_path):
     assert not served
 
 
+@pytest.mark.slow
 def test_help_shows_how_many_keys_never_a_key(monkeypatch):
     monkeypatch.setenv("TUTORIAL_API_KEYS", "alice:very-secret")
     monkeypatch.setenv("TUTORIAL_API_UPSTREAM_API_KEY", "gpu-secret")
@@ -135,6 +139,7 @@ def test_help_shows_how_many_keys_never_a_key(monkeypatch):
     assert "gpu-secret" not in result.stdout and "now: set" in result.stdout
 
 
+@pytest.mark.slow
 def test_help_works_whatever_the_environment_says():
     environment = {**os.environ, "TUTORIAL_API_PORT": "abc", "TUTORIAL_API_MAX_BATCH_SIZE": "0",
                    "TUTORIAL_API_REQUEST_TIMEOUT": "soon"}
@@ -144,6 +149,7 @@ def test_help_works_whatever_the_environment_says():
     assert "now: 'abc', which is not valid" in " ".join(result.stdout.split()) and "qwen2.5-7b-instruct" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_bad_setting_stops_serve_before_loading_naming_the_flag_and_the_variable(tmp_path, served):
     environment = {**os.environ, "TUTORIAL_API_MAX_BATCH_SIZE": "zero", "TUTORIAL_API_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-m", "tutorial_api", "serve", "--model", "tiny-qwen2"],
@@ -158,6 +164,7 @@ def test_a_bad_setting_stops_serve_before_loading_naming_the_flag_and_the_variab
     assert not served
 
 
+@pytest.mark.slow
 def test_serve_on_a_busy_port_says_so_before_loading_the_model(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -175,3 +182,55 @@ def test_serve_on_a_busy_port_says_so_before_loading_the_model(tmp_path):
     assert result.stderr.strip() == f"Cannot start: {expected.value.strerror}"
     assert f"Port {port} on 127.0.0.1 is already in use" in result.stderr and f"--port {port + 1}" in result.stderr
     assert "Loading" not in result.stdout and not (tmp_path / "cache").exists()  # no model work began
+
+
+def dead_url() -> str:
+    """an http:// address on loopback where nothing listens: a hub that cannot be reached."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offline", [{"HF_ENDPOINT": "dead"}, {"HF_HUB_OFFLINE": "1"}], ids=["no-network", "offline"])
+def test_serve_without_the_hub_fails_in_one_short_message(offline, tmp_path):
+    """A hub model that is not downloaded stops serve at once, saying how to download it or serve offline."""
+    environment = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    environment |= {"TUTORIAL_API_CACHE": str(tmp_path), "HF_HOME": str(tmp_path / "hf")}
+    environment |= {key: dead_url() if value == "dead" else value for key, value in offline.items()}
+    result = subprocess.run([sys.executable, "-m", "tutorial_api", "serve", "--model", "qwen2.5-0.5b-instruct",
+                             "--port", "0"], env=environment, capture_output=True, text=True, timeout=120)
+    printed = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode != 0 and len(printed) <= 6, printed
+    assert "python -m tutorial_api download qwen2.5-0.5b-instruct" in result.stderr
+    assert "--model smollm2-135m" in result.stderr
+    assert "Serving on" not in result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_the_chat_command_stops_at_the_answer_budget(tiny, monkeypatch):
+    """`chat` in the terminal ends its answer where POST / would: at $TUTORIAL_API_ANSWER_TOKENS."""
+    from tutorial_api import chat
+
+    monkeypatch.setenv("TUTORIAL_API_ANSWER_TOKENS", "6")
+    short, _ = chat(*tiny, "你好", temperature=0)
+    longer, _ = chat(*tiny, "你好", temperature=0, max_new_tokens=12)
+    assert longer.startswith(short) and len(longer) > len(short)
+    result = subprocess.run([sys.executable, "-m", "tutorial_api", "chat", "你好", "--model", "tiny-qwen2"],
+                            env={**os.environ, "TUTORIAL_API_ANSWER_TOKENS": "6"}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.strip() == short
+
+
+def test_keys_puts_this_machines_address_on_the_sheet(tmp_path, capsys):
+    main(["keys", "2", "--file", str(tmp_path / "keys.txt")])
+    sheet = capsys.readouterr().out.splitlines()
+    assert len(sheet) == 2 and all(f"http://{network_address()}:6006" in line for line in sheet)
+
+
+@pytest.mark.slow
+def test_switches_are_plain_flags_with_a_no_form():
+    allowed = _settings_from(_parser().parse_args(["serve", "--trust-remote-code"]))
+    refused = _settings_from(_parser().parse_args(["serve", "--no-trust-remote-code"]))
+    assert (allowed.trust_remote_code, refused.trust_remote_code) == (True, False)
+    help_text = subprocess.run([sys.executable, "-m", "tutorial_api", "serve", "--help"], capture_output=True,
+                               text=True, timeout=60).stdout
+    assert "--trust-remote-code, --no-trust-remote-code" in help_text and "[TRUST_REMOTE_CODE]" not in help_text

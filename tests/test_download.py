@@ -1,6 +1,9 @@
 """`python -m tutorial_api download`: only the network call is replaced, at its boundary; the rest is real."""
 
 import json
+import os
+import socket
+import subprocess
 import sys
 
 import huggingface_hub
@@ -10,6 +13,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 
 from tutorial_api import load_model
 from tutorial_api.cli import main
+from tutorial_api import download
 from tutorial_api.download import downloaded
 
 QWEN = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -20,6 +24,12 @@ UNREACHABLE = LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or ser
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TUTORIAL_API_CACHE", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def reachable(monkeypatch):
+    """both hubs answer the first short try; each test replaces the download itself."""
+    monkeypatch.setattr(download, "unreachable", lambda url: None)
 
 
 @pytest.fixture
@@ -107,3 +117,23 @@ def test_the_offline_models_need_no_download():
         main(["download", "smollm2-135m"])
     with pytest.raises(SystemExit, match="Unknown model"):
         main(["download", "no-such-model"])
+
+
+@pytest.mark.slow
+def test_without_a_network_download_gives_up_at_once_without_retry_warnings(tmp_path):
+    """Both hubs unreachable for real (nothing listens at their addresses): one message, no client retries."""
+    dead = [socket.socket() for _ in range(2)]
+    for probe in dead:
+        probe.bind(("127.0.0.1", 0))
+    environment = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    environment |= {"TUTORIAL_API_CACHE": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
+                    "HF_ENDPOINT": f"http://127.0.0.1:{dead[0].getsockname()[1]}",
+                    "MODELSCOPE_DOMAIN": f"127.0.0.1:{dead[1].getsockname()[1]}"}
+    result = subprocess.run([sys.executable, "-m", "tutorial_api", "download", "qwen2.5-0.5b-instruct"],
+                            env=environment, capture_output=True, text=True, timeout=120)
+    for probe in dead:
+        probe.close()
+    printed = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode != 0 and len(printed) <= 6, printed
+    assert "Trying ModelScope" in result.stdout and "nor from ModelScope" in result.stderr
+    assert "Retrying" not in result.stdout + result.stderr

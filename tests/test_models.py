@@ -204,15 +204,16 @@ def tutorial_model_downloaded(tiny, tmp_path, monkeypatch):
     """the tutorial's model "downloaded" (the tiny Qwen2's files stand in for it): only the network call is fake."""
     import huggingface_hub
 
-    from tutorial_api.download import fetch
+    from tutorial_api import download
 
     def snapshot_download(repo_id, *, local_dir, **ignored):
         tiny[0].save_pretrained(local_dir)
         tiny[1].save_pretrained(local_dir)
 
     monkeypatch.setenv("TUTORIAL_API_CACHE", str(tmp_path))
+    monkeypatch.setattr(download, "unreachable", lambda url: None)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    fetch(TUTORIAL_MODEL)
+    download.fetch(TUTORIAL_MODEL)
 
 
 @pytest.mark.parametrize("name", [TUTORIAL_MODEL, "qwen-7b-chat"])

@@ -6,6 +6,7 @@ import torch
 
 from tutorial_api.models import context_length
 from tutorial_api.sampler import GREEDY_BELOW, Sampling, settle
+from tutorial_api.settings import Settings
 
 # The original tutorial's defaults for POST /.
 DEFAULT_MAX_LENGTH = 2048
@@ -94,8 +95,13 @@ def answer_budget(prompt_tokens, context, max_length=None, max_new_tokens=None,
 
 def chat(model, tokenizer, prompt, history=None, *, max_length=None, max_new_tokens=None, top_p=None,
          temperature=None, system=None):
-    """answer `prompt` after `history`, returning `(response, history)` with the new pair appended."""
+    """Answer `prompt` after `history`; return `(response, history)` with the new pair appended.
+
+    The answer stops at `max_new_tokens`, by default the server's answer budget for `POST /` (512 tokens,
+    $TUTORIAL_API_ANSWER_TOKENS), or sooner where `max_length` (prompt and answer together) says so.
+    """
     history = [list(pair) for pair in history or []]
+    max_new_tokens = Settings().answer_tokens if max_new_tokens is None else max_new_tokens
     if callable(getattr(model, "chat", None)):
         return _legacy_chat(model, tokenizer, prompt, history, max_length, max_new_tokens, top_p, temperature, system)
     prepared = prepare(

@@ -13,7 +13,7 @@ import uvicorn
 # torch, transformers and the app are imported inside the commands that use them: a busy port or a bad setting is
 # then reported at once, not after seconds of imports.
 from tutorial_api.class_keys import class_keys, student_sheet, write_key_file
-from tutorial_api.server import PortInUse, bind
+from tutorial_api.server import PortInUse, bind, network_address
 from tutorial_api.settings import DEFAULT_MODEL, DEFAULT_PORT, Settings, SettingsError
 
 
@@ -36,9 +36,17 @@ def _serve(args) -> None:
     except OSError as error:
         sys.exit(f"Cannot start: cannot listen on {settings.host}:{settings.port} (--host, --port): {error.strerror}")
     port = listener.getsockname()[1]
-    source = f"Answering through {settings.upstream}" if settings.upstream else f"Loading {settings.model}, then"
-    print(f"{source} serving on http://{settings.host}:{port} (interactive docs at /docs). Press Ctrl+C to stop.",
-          flush=True)
+    url = f"http://{settings.host}:{port}"
+    if settings.upstream:
+        print(f"Answering through {settings.upstream}", flush=True)
+    else:
+        from tutorial_api.models import ModelNotAvailable, check_reachable
+
+        try:
+            check_reachable(settings.model)  # a model that needs the hub fails now, not after the server starts
+        except ModelNotAvailable as error:
+            sys.exit(f"Cannot start: {error}")
+        print(f"Loading {settings.model} ...", flush=True)
     from tutorial_api.app import create_app
 
     try:
@@ -47,9 +55,23 @@ def _serve(args) -> None:
         sys.exit(f"Cannot start: {error}")
     if not settings.loopback_only:
         _warn_about_sharing(settings.host, len(app.state.keys))
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=port, access_log=False))  # the kit logs
+    config = uvicorn.Config(app, host=settings.host, port=port, access_log=False)  # the kit logs requests itself
+    server = _AnnouncingServer(config, f"Serving on {url} (interactive docs at {url}/docs). Press Ctrl+C to stop.")
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C, after uvicorn's graceful shutdown
         server.run(sockets=[listener])
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """A uvicorn server that prints where it serves once the model is loaded and it answers."""
+
+    def __init__(self, config: uvicorn.Config, announcement: str):
+        super().__init__(config)
+        self.announcement = announcement
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            print(self.announcement, flush=True)
 
 
 def _warn_about_sharing(host: str, keys: int) -> None:
@@ -69,7 +91,7 @@ def _chat(args) -> None:
 
     model, tokenizer = load_model(args.model)
     response, _ = chat(model, tokenizer, args.prompt, temperature=args.temperature, max_length=args.max_length,
-                       system=args.system)
+                       max_new_tokens=args.max_new_tokens, system=args.system)
     print(response)
 
 
@@ -82,10 +104,11 @@ def _keys(args) -> None:
                  f"to replace it.")
     except (OSError, ValueError) as error:
         sys.exit(f"Cannot make the keys: {error}")
+    url = args.url or f"http://{network_address()}:{DEFAULT_PORT}"
     print(f"Wrote {len(keys)} keys to {args.file}. Serve the class with\n"
           f"    python -m tutorial_api serve --host 0.0.0.0 --api-key-file {args.file}\n"
           f"and hand each student their line (name, server address, key):", file=sys.stderr)
-    print("\n".join(student_sheet(keys, args.url)))
+    print("\n".join(student_sheet(keys, url)))
 
 
 def _download(args) -> None:
@@ -116,10 +139,13 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     for setting in fields(Settings):
         about = setting.metadata
         help_text = f"{about['help']} (${about['env']}; now: {_current(setting)})"
-        switch = {"nargs": "?", "const": True} if setting.type is bool else {}  # --flag alone means yes
+        if setting.type is bool:  # --flag and --no-flag
+            parser.add_argument(about["flag"], dest=setting.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+            continue
         parser.add_argument(about["flag"], dest=setting.name, metavar=about["flag"][2:].upper().replace("-", "_"),
                             type=about["parse"], default=None,
-                            action="append" if about["many"] else "store", help=help_text, **switch)
+                            action="append" if about["many"] else "store", help=help_text)
 
 
 def _current(setting) -> str:
@@ -165,6 +191,9 @@ def _parser() -> argparse.ArgumentParser:
                                           f"(default: $TUTORIAL_API_MODEL, else {DEFAULT_MODEL})")
     one_off.add_argument("--temperature", type=float, default=0, help="0 for greedy decoding (default)")
     one_off.add_argument("--max-length", type=int, default=None, help="total token budget, prompt included")
+    one_off.add_argument("--max-new-tokens", type=int, default=None,
+                         help="most tokens the answer may have (default: $TUTORIAL_API_ANSWER_TOKENS, else 512, "
+                              "as on POST /)")
     one_off.add_argument("--system", default=None, help="a system message")
     one_off.set_defaults(run=_chat)
 
@@ -178,7 +207,8 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--prefix", default="student", help="the keys' names: PREFIX01, PREFIX02 ... (default: student)")
     keys.add_argument("--file", default="class-keys.txt", help="the key file to write (default: class-keys.txt)")
     keys.add_argument("--force", action="store_true", help="replace the key file if it exists")
-    keys.add_argument("--url", default=f"http://ADDRESS:{DEFAULT_PORT}",
-                      help="the server's address as students type it, e.g. http://192.168.1.23:6006")
+    keys.add_argument("--url", default=None,
+                      help="the server's address as students type it, e.g. http://192.168.1.23:6006 (default: "
+                           "this machine's address on its network, port 6006)")
     keys.set_defaults(run=_keys)
     return parser

@@ -4,6 +4,7 @@ mirror named in $HF_ENDPOINT), else from ModelScope."""
 import json
 from pathlib import Path
 
+import httpx
 import huggingface_hub
 from huggingface_hub import constants
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -28,6 +29,9 @@ def fetch(hub_id: str, say=print) -> Path:
     """download every file of `hub_id` into the kit's cache and return the folder; `say` reports the fallback."""
     folder = _folder(hub_id)
     try:
+        offline = unreachable(constants.ENDPOINT)  # at once, rather than after the hub client's retries
+        if offline:
+            raise LocalEntryNotFoundError(offline)
         huggingface_hub.snapshot_download(hub_id, local_dir=folder)
         source = constants.ENDPOINT
     except LocalEntryNotFoundError as error:  # what the hub client raises when it cannot connect
@@ -46,15 +50,28 @@ def _from_modelscope(hub_id: str, folder: Path, hub_error: Exception) -> None:
               "same command again.")
     try:
         from modelscope.hub.snapshot_download import snapshot_download  # optional: only this fallback needs it
+        from modelscope.hub.utils.utils import get_endpoint
     except ImportError:
         raise DownloadFailed(f"Could not download {hub_id!r}: the Hugging Face hub is unreachable "
                              f"({_first_line(hub_error)}), and the ModelScope client is not installed "
                              f"(pip install modelscope).\n{advice}") from None
     try:
+        offline = unreachable(get_endpoint())  # at once, rather than after ModelScope's client retries
+        if offline:
+            raise ConnectionError(f"{get_endpoint()}: {offline}")
         snapshot_download(hub_id, local_dir=str(folder))
     except Exception as error:  # ModelScope's client raises its own error types, which vary between versions
         raise DownloadFailed(f"Could not download {hub_id!r} from the Hugging Face hub ({_first_line(hub_error)}) "
                              f"nor from ModelScope ({type(error).__name__}: {_first_line(error)}).\n{advice}") from None
+
+
+def unreachable(url: str) -> str | None:
+    """Say why `url` cannot be reached, in one short try; None when it answers at all."""
+    try:
+        httpx.head(url, timeout=3)
+    except httpx.TransportError as error:
+        return str(error) or type(error).__name__
+    return None
 
 
 def _folder(hub_id: str) -> Path:

@@ -6,12 +6,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
 import torch
+from huggingface_hub import constants
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 from transformers.utils import logging as transformers_logging
 
 from tutorial_api import model_cache
-from tutorial_api.download import downloaded
+from tutorial_api.download import downloaded, unreachable
 from tutorial_api.settings import DEFAULT_MODEL, DTYPES, Settings
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,36 @@ def load_model(name=None, *, device=None, dtype=None, trust_remote_code=None):
     if folder:
         with _without_progress_bars():
             return _from_pretrained(str(folder), placement, trust_remote_code, shown_as=repository)
-    return _from_hub(repository, placement, trust_remote_code)  # a download's progress bar is worth seeing
+    check_reachable(name)
+    return _from_hub(name, repository, placement, trust_remote_code)  # a download's progress bar is worth seeing
+
+
+def check_reachable(name: str) -> None:
+    """Raise ModelNotAvailable at once when model `name` needs the hub and the hub cannot be reached.
+
+    One short request instead of the hub client's own retries, which take most of a minute to give up.
+    """
+    path = Path(name).expanduser()
+    if name in PRESETS and not PRESETS[name].hub_id or path.is_dir() or path.suffix == ".gguf":
+        return
+    repository = hub_id(name)
+    if downloaded(repository) or isinstance(huggingface_hub.try_to_load_from_cache(repository, "config.json"), str):
+        return
+    cause = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else unreachable(constants.ENDPOINT)
+    if cause:
+        raise ModelNotAvailable(_not_downloaded(name, repository, f"{constants.ENDPOINT}: {cause}")) from None
+
+
+def _not_downloaded(name: str, repository: str, reason: str) -> str:
+    return f"{repository} is not downloaded, and the Hugging Face hub cannot be reached: {reason}.\n{_advice(name)}"
+
+
+def _advice(name: str) -> str:
+    """What to do about a model that cannot be had now: the download command, or the offline default."""
+    return (
+        f"Download it once while online: python -m tutorial_api download {name}\n"
+        f"Or use the offline default: --model {DEFAULT_MODEL} (or TUTORIAL_API_MODEL={DEFAULT_MODEL})."
+    )
 
 
 def choose_dtype(requested, device: str, model_dtype: torch.dtype | None = None) -> torch.dtype:
@@ -238,15 +269,12 @@ def _remote_code_refusal(name: str) -> str:
     )
 
 
-def _from_hub(repository: str, placement: _Placement, trust_remote_code: bool):
-    """load from the Hugging Face hub, turning a failed download into one clear message."""
+def _from_hub(name: str, repository: str, placement: _Placement, trust_remote_code: bool):
+    """Load from the Hugging Face hub, turning a failed download into one clear message."""
     logger.info("Loading %s from the Hugging Face hub (or its local cache)", repository)
     try:
         return _from_pretrained(repository, placement, trust_remote_code)
     except OSError as error:
         reason = str(error).strip().splitlines()[0]
-        raise ModelNotAvailable(
-            f"Could not load {repository!r} from the Hugging Face hub: {reason}\n"
-            f"Download it once while online (python -m tutorial_api download {repository}), then it loads offline. "
-            f"Without it, use the offline default: --model {DEFAULT_MODEL} (or TUTORIAL_API_MODEL={DEFAULT_MODEL})."
-        ) from None
+        raise ModelNotAvailable(f"Could not load {repository!r} from the Hugging Face hub: {reason}\n"
+                                f"{_advice(name)}") from None

@@ -40,6 +40,16 @@ class RunningServer:
         return self._thread.is_alive() and self._server.started
 
 
+def network_address() -> str:
+    """Return this machine's address on its local network, as other machines reach it; 127.0.0.1 without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # picks the interface a packet would leave by; UDP sends nothing
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
 def start_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, name: str | None = None,
                  log_level: str = "info", startup_timeout: float = 300) -> RunningServer:
     """serve `app` on a daemon thread and return once it accepts connections (port 0 picks a free one).

@@ -103,11 +103,13 @@ class Settings:
                                              "most tokens of prompt and history together (none: the model's context)",
                                              int, valid=_at_least(1))
     max_new_tokens: int | None = _setting(None, "TUTORIAL_API_MAX_NEW_TOKENS", "--max-new-tokens",
-                                          "most tokens one answer may have (none: the model's context)", int,
+                                          "the hard limit: most tokens any answer may have, on POST / and /v1, "
+                                          "whatever the request asks (none: the model's context)", int,
                                           valid=_at_least(1))
     answer_tokens: int = _setting(512, "TUTORIAL_API_ANSWER_TOKENS", "--answer-tokens",
-                                  "most tokens one answer on POST / may have, within its max_length: a sampled "
-                                  "answer that never ends stops there", int, valid=_at_least(1))
+                                  "the answer budget: most tokens an answer gets where the caller sets no limit of "
+                                  "its own (POST /, the chat command, chat()), so that a sampled answer that never "
+                                  "ends stops there", int, valid=_at_least(1))
     max_history_turns: int | None = _setting(None, "TUTORIAL_API_MAX_HISTORY_TURNS", "--max-history-turns",
                                              "most earlier turns (user messages) a request may carry", int,
                                              valid=_at_least(0))
