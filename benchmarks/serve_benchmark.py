@@ -1,16 +1,17 @@
-"""Measure the kit's server against raw `model.generate` at each dtype, with one core kept busy by another
-process, and against vLLM's CPU build where it is installed; or, with --upstream, the kit in front of vLLM
-(`serve --upstream`) against vLLM direct.
+"""Measure the kit's server against raw `model.generate`, and against vLLM where it is installed.
 
-    python benchmarks/serve_benchmark.py                      # SmolLM2, 64 new tokens, greedy
-    python benchmarks/serve_benchmark.py --model tiny-qwen2   # a quick dry run
-    python benchmarks/serve_benchmark.py --vllm-python VENV/bin/python    # vLLM as a peer, started on the model
-    python benchmarks/serve_benchmark.py --vllm-url http://127.0.0.1:8000  # a vLLM already running
+Each dtype is measured, with one core kept busy by another process, and vLLM's CPU build as a peer.
+With --upstream it measures the kit in front of vLLM (`serve --upstream`) against vLLM direct.
+
+    python benchmarks/serve_benchmark.py                       # SmolLM2, 64 new tokens, greedy
+    python benchmarks/serve_benchmark.py --model tiny-qwen2    # a quick dry run
+    python benchmarks/serve_benchmark.py --vllm-python VENV/bin/python     # vLLM started here
+    python benchmarks/serve_benchmark.py --vllm-url http://127.0.0.1:8000  # vLLM already running
     python benchmarks/serve_benchmark.py --upstream --vllm-python VENV/bin/python
 
-Prints a table and writes benchmarks/results/serve_benchmark.png and .json (serve_benchmark_upstream.json with
---upstream). Each raw measurement runs in a fresh process, so its peak memory is its own. Loopback only; every loop
-and the busy process are bounded.
+Prints a table and writes benchmarks/results/serve_benchmark.png and .json
+(serve_benchmark_upstream.json with --upstream). Each raw measurement runs in a fresh process, so
+its peak memory is its own. Loopback only; every loop and the busy process are bounded.
 """
 
 import argparse
@@ -37,17 +38,28 @@ BUSY_CONCURRENCY = (1, 8)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
-    parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="requests each client sends, one after another"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--vllm-url", help="a running vLLM server's root URL")
-    parser.add_argument("--vllm-python", type=Path, help="the Python of a venv with vLLM: start its OpenAI server "
-                                                         "on the model")
-    parser.add_argument("--upstream", action="store_true", help="measure the kit in front of vLLM instead")
-    parser.add_argument("--repeats", type=int, default=3, help="with --upstream: alternated runs of each pair")
+    parser.add_argument(
+        "--vllm-python",
+        type=Path,
+        help="the Python of a venv with vLLM: start its OpenAI server on the model",
+    )
+    parser.add_argument(
+        "--upstream", action="store_true", help="measure the kit in front of vLLM instead"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="with --upstream: alternated runs of each pair"
+    )
     parser.add_argument("--raw", nargs=2, metavar=("DTYPE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw:
@@ -57,13 +69,21 @@ def main() -> None:
         measure_upstream(args)
         return
 
-    results = {"model": args.model, "new_tokens": args.new_tokens, "cpus": os.cpu_count(), "rows": {}}
+    results = {
+        "model": args.model,
+        "new_tokens": args.new_tokens,
+        "cpus": os.cpu_count(),
+        "rows": {},
+    }
     rows = results["rows"]
     for dtype in DTYPES:
-        rows[f"raw generate, {dtype}"] = {batch: in_fresh_process(args, dtype, batch) for batch in args.concurrency}
-    with served([sys.executable, "-m", "tutorial_api", "serve", "--model", args.model, "--dtype", "float32"]) as (url, _):
+        rows[f"raw generate, {dtype}"] = {
+            batch: in_fresh_process(args, dtype, batch) for batch in args.concurrency
+        }
+    serve = [sys.executable, "-m", "tutorial_api", "serve", "--model", args.model]
+    with served([*serve, "--dtype", "float32"]) as (url, _):
         rows["kit, float32"] = measure(url, args, args.concurrency)
-    with served([sys.executable, "-m", "tutorial_api", "serve", "--model", args.model]) as (url, pid):
+    with served(serve) as (url, pid):
         auto = requests.get(f"{url}/health", timeout=10).json().get("dtype", "?")
         rows[f"kit, auto ({auto})"] = measure(url, args, args.concurrency)
         results["kit_peak_rss_mb"] = peak_rss_mb(pid)
@@ -74,7 +94,9 @@ def main() -> None:
             model = requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
             rows["vLLM CPU, bfloat16"] = measure(url, args, args.concurrency, model)
             with one_core_busy():
-                rows["vLLM CPU, bfloat16, one core busy"] = measure(url, args, BUSY_CONCURRENCY, model)
+                rows["vLLM CPU, bfloat16, one core busy"] = measure(
+                    url, args, BUSY_CONCURRENCY, model
+                )
     else:
         print("vLLM: no --vllm-url or --vllm-python, skipped")
 
@@ -85,31 +107,50 @@ def main() -> None:
 
 
 def raw_generate(model_name: str, dtype: str, batch: int, new_tokens: int) -> dict:
-    """tokens/s of one left-padded greedy `generate` call, after a warm-up, and this process's peak RSS."""
+    """Time one left-padded greedy `generate` call after a warm-up; return tokens/s and peak RSS."""
     import torch
 
     from tutorial_api import load_model
-    from tutorial_api.chat import build_messages
+    from tutorial_api.conversation import build_messages
 
     model, tokenizer = load_model(model_name, dtype=dtype)
     tokenizer.padding_side = "left"
-    prompts = [tokenizer.apply_chat_template(build_messages(p), add_generation_prompt=True, return_dict=True)["input_ids"]
-               for p in (PROMPTS * batch)[:batch]]
+    prompts = [
+        tokenizer.apply_chat_template(
+            build_messages(p), add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        for p in (PROMPTS * batch)[:batch]
+    ]
     inputs = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
-    options = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-               "pad_token_id": tokenizer.pad_token_id}
+    options = {
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "do_sample": False,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     with torch.inference_mode():
         model.generate(**inputs, **{**options, "max_new_tokens": 4, "min_new_tokens": 4})
         started = time.perf_counter()
         model.generate(**inputs, **options)
         elapsed = time.perf_counter() - started
-    return {"tokens_per_s": batch * new_tokens / elapsed,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "tokens_per_s": batch * new_tokens / elapsed,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def in_fresh_process(args, dtype: str, batch: int) -> dict:
-    command = [sys.executable, __file__, "--model", args.model, "--new-tokens", str(args.new_tokens),
-               "--raw", dtype, str(batch)]
+    command = [
+        sys.executable,
+        __file__,
+        "--model",
+        args.model,
+        "--new-tokens",
+        str(args.new_tokens),
+        "--raw",
+        dtype,
+        str(batch),
+    ]
     output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=900).stdout
     measured = json.loads(output.strip().splitlines()[-1])
     print(f"raw generate, {dtype}, batch {batch}: {measured['tokens_per_s']:.1f} tok/s", flush=True)
@@ -117,22 +158,34 @@ def in_fresh_process(args, dtype: str, batch: int) -> dict:
 
 
 def measure(url: str, args, levels, model: str | None = None) -> dict:
-    """`load` at each concurrency in `levels`, after one warm-up request."""
+    """Run `load` at each concurrency in `levels`, after one warm-up request."""
     model = model or args.model
     load(url, model, 1, 1, args.new_tokens)
     measured = {}
     for concurrency in levels:
         measured[concurrency] = load(url, model, concurrency, args.rounds, args.new_tokens)
-        print(f"{url}, concurrency {concurrency}: {measured[concurrency]['tokens_per_s']:.1f} tok/s, first token "
-              f"p50 {measured[concurrency]['first_token_p50_s'] * 1000:.0f} ms", flush=True)
+        rate = measured[concurrency]["tokens_per_s"]
+        first_token_ms = measured[concurrency]["first_token_p50_s"] * 1000
+        print(
+            f"{url}, concurrency {concurrency}: {rate:.1f} tok/s, "
+            f"first token p50 {first_token_ms:.0f} ms",
+            flush=True,
+        )
     return measured
 
 
 @contextmanager
 def one_core_busy(limit_s: float = 900):
-    """another process spinning on the last CPU core (a notebook computing, another student's job), stopped on
-    exit and in any case after `limit_s` seconds."""
-    spin = f"import time\nend = time.monotonic() + {limit_s}\nwhile time.monotonic() < end:\n    pass\n"
+    """Keep the last CPU core busy from another process, as another student's job would.
+
+    The process stops on exit, and in any case after `limit_s` seconds.
+    """
+    spin = (
+        "import time\n"
+        f"end = time.monotonic() + {limit_s}\n"
+        "while time.monotonic() < end:\n"
+        "    pass\n"
+    )
     busy = subprocess.Popen([sys.executable, "-c", spin])
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(busy.pid, {max(os.sched_getaffinity(0))})
@@ -145,7 +198,7 @@ def one_core_busy(limit_s: float = 900):
 
 
 class served:
-    """a server in its own process on a free loopback port, stopped on exit."""
+    """A server in its own process on a free loopback port, stopped on exit."""
 
     def __init__(self, command, port_flag="--port", health="/health", startup_timeout=600):
         self.port = free_port()
@@ -178,7 +231,7 @@ class served:
 
 
 def load(url: str, model: str, concurrency: int, rounds: int, new_tokens: int) -> dict:
-    """`concurrency` streaming clients, each sending `rounds` requests, while a probe times /health."""
+    """Run `concurrency` streaming clients of `rounds` requests each; a probe times /health."""
     latencies, first_tokens, tokens = [], [], []
     health, stop_probe = [], threading.Event()
 
@@ -207,17 +260,30 @@ def load(url: str, model: str, concurrency: int, rounds: int, new_tokens: int) -
     elapsed = time.perf_counter() - started
     stop_probe.set()
     prober.join()
-    return {"tokens_per_s": sum(tokens) / elapsed, "requests": len(latencies), "tokens": sum(tokens),
-            "latency_p50_s": percentile(latencies, 50), "latency_p95_s": percentile(latencies, 95),
-            "first_token_p50_s": percentile(first_tokens, 50), "first_token_p95_s": percentile(first_tokens, 95),
-            "first_tokens_s": first_tokens,
-            "health_p50_ms": percentile(health, 50) * 1000, "health_p99_ms": percentile(health, 99) * 1000}
+    return {
+        "tokens_per_s": sum(tokens) / elapsed,
+        "requests": len(latencies),
+        "tokens": sum(tokens),
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p95_s": percentile(latencies, 95),
+        "first_token_p50_s": percentile(first_tokens, 50),
+        "first_token_p95_s": percentile(first_tokens, 95),
+        "first_tokens_s": first_tokens,
+        "health_p50_ms": percentile(health, 50) * 1000,
+        "health_p99_ms": percentile(health, 99) * 1000,
+    }
 
 
 def stream_one(url: str, model: str, prompt: str, new_tokens: int) -> tuple[float, float, int]:
-    """one streamed chat completion: latency, time to first token, completion tokens."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    """Stream one chat completion; return its latency, time to first token and completion tokens."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     first_token, count = None, 0
     with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=600) as answer:
@@ -226,7 +292,9 @@ def stream_one(url: str, model: str, prompt: str, new_tokens: int) -> tuple[floa
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if first_token is None and any(c["delta"].get("content") for c in chunk.get("choices", [])):
+            if first_token is None and any(
+                c["delta"].get("content") for c in chunk.get("choices", [])
+            ):
                 first_token = time.perf_counter() - started
             if chunk.get("usage"):
                 count = chunk["usage"]["completion_tokens"]
@@ -234,16 +302,27 @@ def stream_one(url: str, model: str, prompt: str, new_tokens: int) -> tuple[floa
 
 
 def measure_upstream(args) -> None:
-    """the kit in upstream mode against vLLM direct: tokens/s at each concurrency and first-token time, each pair
-    measured `--repeats` times, alternated, as one run of each varies by 10 to 20% here (and its first-token p50 by
-    a factor of 3, with how vLLM happens to group the prefills); the kit's own CPU time per token; and how soon
-    vLLM stops a request whose client hung up (its own `vllm:num_requests_running`)."""
-    with vllm_server(args) as vllm_url, \
-            served([sys.executable, "-m", "tutorial_api", "serve", "--upstream", f"{vllm_url}/v1"]) as (kit_url, pid):
+    """Measure the kit in upstream mode against vLLM direct.
+
+    Tokens/s at each concurrency and the first-token time, each pair measured `--repeats` times,
+    alternated, as single runs vary with how vLLM happens to group the prefills; the kit's own CPU
+    time per token; and how soon vLLM stops a request whose client hung up (its own
+    `vllm:num_requests_running`).
+    """
+    serve = [sys.executable, "-m", "tutorial_api", "serve", "--upstream"]
+    with vllm_server(args) as vllm_url, served([*serve, f"{vllm_url}/v1"]) as (kit_url, pid):
         model = requests.get(f"{vllm_url}/v1/models", timeout=10).json()["data"][0]["id"]
-        load(kit_url, model, 1, 1, args.new_tokens)  # warm-up: both paths, the kit's pooled connections
-        results = {"model": model, "new_tokens": args.new_tokens, "repeats": args.repeats, "direct": {}, "kit": {},
-                   "kit_cpu_ms_per_token": {}}
+        load(
+            kit_url, model, 1, 1, args.new_tokens
+        )  # warm-up: both paths, the kit's pooled connections
+        results = {
+            "model": model,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "direct": {},
+            "kit": {},
+            "kit_cpu_ms_per_token": {},
+        }
         for concurrency in args.concurrency:
             direct, kit, kit_cpu = [], [], 0.0
             for _ in range(args.repeats):
@@ -252,24 +331,38 @@ def measure_upstream(args) -> None:
                 kit.append(load(kit_url, model, concurrency, args.rounds, args.new_tokens))
                 kit_cpu += cpu_seconds(pid) - cpu_before
             results["direct"][concurrency], results["kit"][concurrency] = direct, kit
-            results["kit_cpu_ms_per_token"][concurrency] = kit_cpu * 1000 / sum(run["tokens"] for run in kit)
+            results["kit_cpu_ms_per_token"][concurrency] = (
+                kit_cpu * 1000 / sum(run["tokens"] for run in kit)
+            )
         results["hang_up"] = hang_up_check(kit_url, vllm_url, model)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_benchmark_upstream.json").write_text(json.dumps(results, indent=1))
-    print(f"\nthe kit in front of vLLM ({model}), {args.new_tokens} new tokens, greedy, on {os.cpu_count()} CPU cores; "
-          f"{args.repeats} alternated runs: their median tok/s, and the p50 of all their first tokens")
-    print(f"{'C':>3} {'vLLM tok/s':>11} {'kit tok/s':>10} {'ratio':>6} {'TTFT vLLM ms':>13} {'kit adds ms':>12} "
-          f"{'kit CPU ms/token':>17}")
+    print(
+        f"\nthe kit in front of vLLM ({model}), {args.new_tokens} new tokens, greedy, "
+        f"on {os.cpu_count()} CPU cores; {args.repeats} alternated runs: "
+        "their median tok/s, and the p50 of all their first tokens"
+    )
+    print(
+        f"{'C':>3} {'vLLM tok/s':>11} {'kit tok/s':>10} {'ratio':>6} "
+        f"{'TTFT vLLM ms':>13} {'kit adds ms':>12} {'kit CPU ms/token':>17}"
+    )
     for c in args.concurrency:
         rates = [median_of(results[path][c], "tokens_per_s") for path in ("direct", "kit")]
-        first_tokens = [percentile([t for run in results[path][c] for t in run["first_tokens_s"]], 50) * 1000
-                        for path in ("direct", "kit")]
-        print(f"{c:>3} {rates[0]:>11.1f} {rates[1]:>10.1f} {rates[1] / rates[0]:>6.2f} {first_tokens[0]:>13.1f} "
-              f"{first_tokens[1] - first_tokens[0]:>12.1f} "
-              f"{results['kit_cpu_ms_per_token'][c]:>17.2f}")
+        first_tokens = [
+            percentile([t for run in results[path][c] for t in run["first_tokens_s"]], 50) * 1000
+            for path in ("direct", "kit")
+        ]
+        print(
+            f"{c:>3} {rates[0]:>11.1f} {rates[1]:>10.1f} {rates[1] / rates[0]:>6.2f} "
+            f"{first_tokens[0]:>13.1f} {first_tokens[1] - first_tokens[0]:>12.1f} "
+            f"{results['kit_cpu_ms_per_token'][c]:>17.2f}"
+        )
     hang_up = results["hang_up"]
-    print(f"hang-up: vLLM ran {hang_up['running_while_streaming']:g} request(s) while the client streamed; "
-          f"back to {hang_up['running_after']:g} running {hang_up['seconds_to_zero']:.3f} s after it hung up")
+    print(
+        f"hang-up: vLLM ran {hang_up['running_while_streaming']:g} request(s) while the client "
+        f"streamed; back to {hang_up['running_after']:g} running "
+        f"{hang_up['seconds_to_zero']:.3f} s after it hung up"
+    )
 
 
 def median_of(runs: list[dict], key: str) -> float:
@@ -277,13 +370,13 @@ def median_of(runs: list[dict], key: str) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """the CPU time a process has used so far, user and system, from /proc."""
+    """Return the CPU time a process has used so far, user and system, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class vllm_server:
-    """the vLLM server of --vllm-url, or one started with --vllm-python on the model saved to a folder."""
+    """The vLLM of --vllm-url, or one that --vllm-python starts on the model saved to a folder."""
 
     def __init__(self, args):
         self.args = args
@@ -294,9 +387,21 @@ class vllm_server:
         self.folder = Path(tempfile.mkdtemp(prefix="benchmark-model-"))
         model_folder(self.args.model, self.folder)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        self.server = served([str(self.args.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model",
-                              str(self.folder), "--dtype", "bfloat16", "--max-model-len", "2048", "--host",
-                              "127.0.0.1"])
+        self.server = served(
+            [
+                str(self.args.vllm_python),
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(self.folder),
+                "--dtype",
+                "bfloat16",
+                "--max-model-len",
+                "2048",
+                "--host",
+                "127.0.0.1",
+            ]
+        )
         return self.server.__enter__()[0]
 
     def __exit__(self, *_):
@@ -306,32 +411,44 @@ class vllm_server:
 
 
 def hang_up_check(kit_url: str, vllm_url: str, model: str) -> dict:
-    """stream a long answer through the kit, hang up after its first token, and time vLLM's running count back
-    to 0."""
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 1500,
-            "stream": True}
-    with requests.post(f"{kit_url}/v1/chat/completions", json=body, stream=True, timeout=600) as answer:
+    """Hang up on a long answer streamed through the kit; time vLLM's running count back to 0."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPTS[0]}],
+        "max_tokens": 1500,
+        "stream": True,
+    }
+    with requests.post(
+        f"{kit_url}/v1/chat/completions", json=body, stream=True, timeout=600
+    ) as answer:
         lines = answer.iter_lines(decode_unicode=True)
         while not (line := next(lines)).startswith("data: ") or not any(
-                choice["delta"].get("content") for choice in json.loads(line[6:]).get("choices", [])):
-            pass  # the role chunk, written by vLLM or by the kit in its own spacing, has no text yet
+            choice["delta"].get("content") for choice in json.loads(line[6:]).get("choices", [])
+        ):
+            pass  # the role chunk, in vLLM's spacing or the kit's, has no text yet
         running = vllm_running(vllm_url)
     hung_up = time.perf_counter()
     while (after := vllm_running(vllm_url)) > 0 and time.perf_counter() - hung_up < 10:
         time.sleep(0.01)
-    return {"running_while_streaming": running, "running_after": after,
-            "seconds_to_zero": time.perf_counter() - hung_up}
+    return {
+        "running_while_streaming": running,
+        "running_after": after,
+        "seconds_to_zero": time.perf_counter() - hung_up,
+    }
 
 
 def vllm_running(vllm_url: str) -> float:
-    """vLLM's `vllm:num_requests_running`, summed over its labels, from its Prometheus /metrics."""
+    """Return vLLM's `vllm:num_requests_running`, summed over its labels, from its /metrics."""
     text = requests.get(f"{vllm_url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:num_requests_running"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:num_requests_running")
+    )
 
 
 def model_folder(model_name: str, folder: Path) -> None:
-    """one folder with the weights and the tokenizer, as vLLM wants them."""
+    """Save the weights and the tokenizer in one folder, as vLLM wants them."""
     from tutorial_api import load_model
 
     model, tokenizer = load_model(model_name)
@@ -349,7 +466,9 @@ def peak_rss_mb(pid: int) -> float:
 def percentile(values, percent: float) -> float:
     if len(values) < 2:
         return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[min(98, max(0, int(percent) - 1))]
+    return statistics.quantiles(values, n=100, method="inclusive")[
+        min(98, max(0, int(percent) - 1))
+    ]
 
 
 def free_port() -> int:
@@ -358,22 +477,41 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def title(results: dict) -> str:
+    """Return the model and the request the results are of."""
+    return f"{results['model']}, {results['new_tokens']} new tokens, greedy"
+
+
+def report_cell(measured: dict | None) -> str:
+    """Return one concurrency's tokens/s and first-token p50 in ms, or dashes where not measured."""
+    if measured is None:
+        return f"{'-':>12}{'-':>9}"
+    first_token_ms = measured.get("first_token_p50_s", float("nan")) * 1000
+    return f"{measured['tokens_per_s']:>12.1f}{first_token_ms:>9.0f}"
+
+
 def report(results: dict, levels) -> None:
-    """one line per row: tokens/s and first-token p50 at each concurrency, then the ratios the targets name."""
+    """Print each row's tokens/s and first-token p50 at each concurrency, then the ratios."""
     rows = results["rows"]
-    print(f"\n{results['model']}, {results['new_tokens']} new tokens, greedy, on {results['cpus']} CPU cores")
+    print(f"\n{title(results)}, on {results['cpus']} CPU cores")
     print(f"{'':<40}" + "".join(f"{f'C={c} tok/s':>12}{'TTFT ms':>9}" for c in levels))
     for name, row in rows.items():
-        cells = "".join(f"{row[c]['tokens_per_s']:>12.1f}{row[c].get('first_token_p50_s', float('nan')) * 1000:>9.0f}"
-                        if c in row else f"{'-':>12}{'-':>9}" for c in levels)
+        cells = "".join(report_cell(row.get(c)) for c in levels)
         print(f"{name:<40}{cells}")
     kit = next(name for name in rows if name.startswith("kit, auto") and not name.endswith("busy"))
-    dtype = kit[kit.index("(") + 1:-1]
-    compared = [(kit, f"raw generate, {dtype}"), (kit + ", one core busy", kit), (kit, "vLLM CPU, bfloat16")]
+    dtype = kit[kit.index("(") + 1 : -1]
+    compared = [
+        (kit, f"raw generate, {dtype}"),
+        (kit + ", one core busy", kit),
+        (kit, "vLLM CPU, bfloat16"),
+    ]
     for mine, other in compared:
         if other in rows:
-            ratios = ", ".join(f"C={c} {rows[mine][c]['tokens_per_s'] / rows[other][c]['tokens_per_s']:.2f}"
-                               for c in levels if c in rows[mine] and c in rows[other])
+            ratios = ", ".join(
+                f"C={c} {rows[mine][c]['tokens_per_s'] / rows[other][c]['tokens_per_s']:.2f}"
+                for c in levels
+                if c in rows[mine] and c in rows[other]
+            )
             print(f"{mine} / {other}: {ratios}")
     print(f"memory: the kit's server peak {results['kit_peak_rss_mb']:.0f} MB")
 
@@ -386,18 +524,26 @@ def plot(results: dict, path: Path) -> None:
 
     figure, (rates, delays) = plt.subplots(1, 2, figsize=(12, 4.5))
     for number, (name, row) in enumerate(results["rows"].items()):
-        style = {"linestyle": "--" if name.startswith("raw") else ":" if name.endswith("busy") else "-",
-                 "marker": "o", "color": f"C{number}", "label": name}  # one color for a row in both panels
+        style = {
+            "linestyle": "--" if name.startswith("raw") else ":" if name.endswith("busy") else "-",
+            "marker": "o",
+            "color": f"C{number}",
+            "label": name,
+        }  # one color for a row in both panels
         levels = list(row)
         rates.plot(levels, [row[c]["tokens_per_s"] for c in levels], **style)
         if "first_token_p50_s" in row[levels[0]]:
             delays.plot(levels, [row[c]["first_token_p50_s"] * 1000 for c in levels], **style)
-    rates.set(xlabel="concurrent clients (raw: batch size)", ylabel="tokens/s (all clients)", title="Throughput")
+    rates.set(
+        xlabel="concurrent clients (raw: batch size)",
+        ylabel="tokens/s (all clients)",
+        title="Throughput",
+    )
     delays.set(xlabel="concurrent clients", ylabel="ms", title="Time to first token, p50")
     for axes in (rates, delays):
         axes.legend(fontsize=7)
         axes.grid(alpha=0.3)
-    figure.suptitle(f"{results['model']}, {results['new_tokens']} new tokens, greedy, {results['cpus']} CPU cores")
+    figure.suptitle(f"{title(results)}, {results['cpus']} CPU cores")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 

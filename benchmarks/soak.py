@@ -1,24 +1,27 @@
-"""Rehearse a class: many students, each with a key, ask the chat API for a while; check nothing is lost or leaks.
+"""Rehearse a class: students ask the chat API for a while; check that nothing is lost or leaks.
 
-    python benchmarks/soak.py                                    # starts SmolLM2 here: 32 students for 60 s
-    python benchmarks/soak.py --model tiny-qwen2 --duration 10   # a quick dry run
-    python benchmarks/soak.py --url http://192.168.1.23:6006 --api-key-file class-keys.txt --clients 30
+    python benchmarks/soak.py                                   # SmolLM2 here: 32 students, 60 s
+    python benchmarks/soak.py --model tiny-qwen2 --duration 10  # a quick dry run
+    python benchmarks/soak.py --url http://192.168.1.23:6006 --api-key-file class-keys.txt \\
+        --clients 30
     python benchmarks/soak.py --table --duration 20 > capacity.md
 
-Without --url the script starts the server in its own process, on a free loopback port, with one API key per
-student and the classroom limits. With --url it rehearses against a server already running (the class's own,
-started as the runbook says), with the keys given by --api-key or --api-key-file.
+Without --url the script starts the server in its own process, on a free loopback port, with one API
+key per student and the classroom limits. With --url it rehearses against a server already running
+(the class's own, started as the runbook says), with the keys given by --api-key or --api-key-file.
 
-Each student sends, one after another, a rotating mix: both APIs, streaming and not, bad inputs that must be refused
-with a 4xx, a wrong key, and requests it abandons mid-answer. The summary gives requests answered and refused (and
-why), the latency of full answers (p50, p95) and tokens per second. It exits 1 if a request failed (lost, malformed,
-a server error) or a student was turned away for lack of capacity (503, 504); for a server it started, also if its
-memory (RSS) grew by 10% or more or it gained threads, read from /proc/PID after a warm-up at full load.
+Each student sends, one after another, a rotating mix: both APIs, streaming and not, bad inputs that
+must be refused with a 4xx, a wrong key, and requests it abandons mid-answer. The summary gives
+requests answered and refused (and why), the latency of full answers (p50, p95) and tokens per
+second. It exits 1 if a request failed (lost, malformed, a server error) or a student was turned
+away for lack of capacity (503, 504); for a server it started, also if its memory (RSS) grew by 10%
+or more or it gained threads, read from /proc/PID after a warm-up at full load.
 
---table measures the runbook's capacity table instead: for each class size (--class-sizes), the share of the class
-asking at the same moment (--asking, in percent), each student asking a chat completion again as soon as the last
-one is answered, for --duration seconds a row. It prints the table as markdown on stdout, progress on stderr.
-Every loop is bounded by --duration and each request by a timeout.
+--table measures the runbook's capacity table instead: for each class size (--class-sizes), the
+share of the class asking at the same moment (--asking, in percent), each student asking a chat
+completion again as soon as the last one is answered, for --duration seconds a row. It prints the
+table as markdown on stdout, progress on stderr. Every loop is bounded by --duration and each
+request by a timeout.
 """
 
 import argparse
@@ -33,59 +36,117 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
 from serve_benchmark import percentile, served
 
-PROMPTS = ["Name three fruits.", "你好", "Tell me a short story about a cat.", "What is 2 + 2?",
-           "Write a haiku about the sea.", "给这个故事起一个标题", "Explain what an API is to a ten-year-old."]
+PROMPTS = [
+    "Name three fruits.",
+    "你好",
+    "Tell me a short story about a cat.",
+    "What is 2 + 2?",
+    "Write a haiku about the sea.",
+    "给这个故事起一个标题",
+    "Explain what an API is to a ten-year-old.",
+]
 REQUEST_TIMEOUT = 300
 # Answers the server gives to the bad requests below: refused, never served, never a 5xx.
 REJECTED = {401, 400, 422}
 # Answers that turn a good request away, and what each means for the class.
-TURNED_AWAY = {401: "a key the server does not know", 429: "one key had more in flight than --max-concurrent-per-key",
-               503: "the server's queue was full (--max-waiting)", 504: "no answer within --request-timeout"}
+TURNED_AWAY = {
+    401: "a key the server does not know",
+    429: "one key had more in flight than --max-concurrent-per-key",
+    503: "the server's queue was full (--max-waiting)",
+    504: "no answer within --request-timeout",
+}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     with server_for(args) as (url, pid, keys):
         model = check_server(url, keys[0])
-        passed = capacity_table(url, keys, model, args) if args.table else soak(url, pid, keys, model, args)
+        passed = (
+            capacity_table(url, keys, model, args)
+            if args.table
+            else soak(url, pid, keys, model, args)
+        )
     sys.exit(0 if passed else 1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """the options, checked together; `keys` holds the keys for --url, or [None] when the server needs none."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", type=server_url, help="a server already running, e.g. http://192.168.1.23:6006 "
-                                                       "(default: start one here)")
-    parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                        help="a key of the server at --url, KEY or NAME:KEY (repeatable); students take them in turn")
-    parser.add_argument("--api-key-file", type=Path, metavar="FILE",
-                        help="the class's key file for --url, as `python -m tutorial_api keys` writes it")
-    parser.add_argument("--model", help="the model of the server this script starts (default: the kit's default)")
-    parser.add_argument("--new-tokens", type=positive(int), help="the --max-new-tokens of the server this script "
-                                                                 "starts (default: 64)")
-    parser.add_argument("--clients", type=positive(int), help="students asking at the same time (default: 32)")
-    parser.add_argument("--duration", type=positive(float), default=60,
-                        help="seconds of load, for each row with --table (default: 60)")
-    parser.add_argument("--table", action="store_true", help="measure the capacity table, printed as markdown")
-    parser.add_argument("--class-sizes", type=positive(int), nargs="+", metavar="STUDENTS",
-                        help="with --table: the class sizes, one group of rows each (default: 10 30 60)")
-    parser.add_argument("--asking", type=percent, nargs="+", metavar="PERCENT",
-                        help="with --table: the share of the class asking at the same moment (default: 25 50 100)")
+    """Parse and check the options; `keys` holds --url's keys, or [None] for a server without."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--url",
+        type=server_url,
+        help="a server already running, e.g. http://192.168.1.23:6006 (default: start one here)",
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a key of the server at --url, KEY or NAME:KEY (repeatable); students take turns",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        metavar="FILE",
+        help="the class's key file for --url, as `python -m tutorial_api keys` writes it",
+    )
+    parser.add_argument(
+        "--model", help="the model of the server this script starts (default: the kit's default)"
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=positive(int),
+        help="the --max-new-tokens of the server this script starts (default: 64)",
+    )
+    parser.add_argument(
+        "--clients", type=positive(int), help="students asking at the same time (default: 32)"
+    )
+    parser.add_argument(
+        "--duration",
+        type=positive(float),
+        default=60,
+        help="seconds of load, for each row with --table (default: 60)",
+    )
+    parser.add_argument(
+        "--table", action="store_true", help="measure the capacity table, printed as markdown"
+    )
+    parser.add_argument(
+        "--class-sizes",
+        type=positive(int),
+        nargs="+",
+        metavar="STUDENTS",
+        help="with --table: the class sizes, one group of rows each (default: 10 30 60)",
+    )
+    parser.add_argument(
+        "--asking",
+        type=percent,
+        nargs="+",
+        metavar="PERCENT",
+        help="with --table: the share of the class asking at the same moment (default: 25 50 100)",
+    )
     args = parser.parse_args(argv)
     if args.url and (args.model or args.new_tokens):
-        parser.error("--model and --new-tokens set up the server this script starts; with --url the server's "
-                     "own settings apply")
+        parser.error(
+            "--model and --new-tokens set up the server this script starts; "
+            "with --url the server's own settings apply"
+        )
     if not args.url and (args.api_key or args.api_key_file):
-        parser.error("--api-key and --api-key-file are for a server given with --url; the server this script "
-                     "starts makes its own keys")
+        parser.error(
+            "--api-key and --api-key-file are for a server given with --url; "
+            "the server this script starts makes its own keys"
+        )
     if args.table and args.clients:
-        parser.error("--clients is for the soak; with --table, --class-sizes and --asking set how many ask")
+        parser.error(
+            "--clients is for the soak; with --table, --class-sizes and --asking set how many ask"
+        )
     if not args.table and (args.class_sizes or args.asking):
         parser.error("--class-sizes and --asking are for --table")
     args.clients = args.clients or 32
@@ -95,13 +156,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.keys = given_keys(args.api_key, args.api_key_file) or [None]
     except (OSError, ValueError) as error:
-        parser.error(f"--api-key-file: {error}" if isinstance(error, OSError) else f"--api-key: {error}")
+        parser.error(
+            f"--api-key-file: {error}" if isinstance(error, OSError) else f"--api-key: {error}"
+        )
     return args
 
 
 def server_url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole address: write it as http://192.168.1.23:6006")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole address: write it as http://192.168.1.23:6006"
+        )
     return text.rstrip("/")
 
 
@@ -124,15 +189,17 @@ def percent(text: str) -> float:
 
 
 def given_keys(entries: list[str], key_file: Path | None) -> list[str]:
-    """the secrets of --api-key entries and of the key file's, read as the server reads them."""
-    from tutorial_api.access import parse_keys, read_key_file
+    """Return the secrets of --api-key and of the key file, read as the server reads them."""
+    from tutorial_api.web.access import parse_keys, read_key_file
 
-    return [key.secret for key in parse_keys([*entries, *(read_key_file(key_file) if key_file else [])])]
+    return [
+        key.secret for key in parse_keys([*entries, *(read_key_file(key_file) if key_file else [])])
+    ]
 
 
 @contextlib.contextmanager
 def server_for(args):
-    """the server to load, with its process id (None for --url) and the students' keys."""
+    """Yield the server to load, with its process id (None for --url) and the students' keys."""
     if args.url:
         yield args.url, None, args.keys
         return
@@ -143,36 +210,68 @@ def server_for(args):
     with tempfile.TemporaryDirectory() as folder:
         key_file = Path(folder) / "class-keys.txt"
         write_key_file(key_file, keys)
-        command = [sys.executable, "-m", "tutorial_api", "serve", *(["--model", args.model] if args.model else []),
-                   "--api-key-file", str(key_file), "--max-new-tokens", str(args.new_tokens),
-                   "--max-concurrent-per-key", "4", "--request-timeout", "120"]
+        command = [
+            sys.executable,
+            "-m",
+            "tutorial_api",
+            "serve",
+            *(["--model", args.model] if args.model else []),
+            "--api-key-file",
+            str(key_file),
+            "--max-new-tokens",
+            str(args.new_tokens),
+            "--max-concurrent-per-key",
+            "4",
+            "--request-timeout",
+            "120",
+        ]
         with served(command) as (url, pid):
             yield url, pid, [key.secret for key in keys]
 
 
 def check_server(url: str, key: str | None) -> str:
-    """the server's model, once it answers /health and the key opens the API; else stop, saying why."""
+    """Return the server's model once it is up and the key opens the API; else exit, saying why."""
     try:
         health = requests.get(f"{url}/health", timeout=10)
         health.raise_for_status()
         models = requests.get(f"{url}/v1/models", headers=headers(key), timeout=10)
     except requests.RequestException as error:
-        sys.exit(f"Cannot reach {url}: {error}\nIs the server running there, on that port, and does the firewall "
-                 f"let it through? (docs/workshop.md, the network checklist)")
+        sys.exit(
+            f"Cannot reach {url}: {error}\nIs the server running there, on that port, "
+            "and does the firewall let it through? (docs/workshop.md, the network checklist)"
+        )
     if models.status_code == 401:
-        sys.exit(f"{url} refused the key ({models.json()['error']['message']}): give one of its keys with "
-                 f"--api-key or --api-key-file.")
+        sys.exit(
+            f"{url} refused the key ({models.json()['error']['message']}): "
+            "give one of its keys with --api-key or --api-key-file."
+        )
     return health.json()["model"]
 
 
 class Result:
-    """how one request ended: `kind` is answered, refused, rejected (a bad request, as it should be), dropped (on
-    purpose) or failed; `tokens` counts the answer's tokens where the API reports them."""
+    """How one request ended.
 
-    def __init__(self, scenario: str, kind: str, status: int | None = None, seconds: float = 0.0,
-                 tokens: int | None = None, why: str = ""):
+    `kind` is answered, refused, rejected (a bad request, as it should be), dropped (on purpose) or
+    failed; `tokens` counts the answer's tokens where the API reports them.
+    """
+
+    def __init__(
+        self,
+        scenario: str,
+        kind: str,
+        status: int | None = None,
+        seconds: float = 0.0,
+        tokens: int | None = None,
+        why: str = "",
+    ):
         self.scenario, self.kind, self.status, self.seconds, self.tokens, self.why = (
-            scenario, kind, status, seconds, tokens, why)
+            scenario,
+            kind,
+            status,
+            seconds,
+            tokens,
+            why,
+        )
 
 
 def headers(key: str | None) -> dict:
@@ -180,30 +279,51 @@ def headers(key: str | None) -> dict:
 
 
 def tutorial(url, key):
-    """POST / with history; the answer must carry the four fields."""
+    """Send POST / with history; the answer must carry the four fields."""
     body = {"prompt": PROMPTS[0], "history": [["你好", "你好！"]], "temperature": 0.7}
     answer = requests.post(url, json=body, headers=headers(key), timeout=REQUEST_TIMEOUT)
-    ok = answer.status_code == 200 and set(answer.json()) == {"response", "history", "status", "time"}
+    ok = answer.status_code == 200 and set(answer.json()) == {
+        "response",
+        "history",
+        "status",
+        "time",
+    }
     return answer.status_code, ok, None
 
 
 def completion(url, key):
-    """a chat completion on one of the prompts; the answer must have one choice and usage."""
+    """Ask a chat completion on one of the prompts; the answer must have one choice and usage."""
     body = {"messages": [{"role": "user", "content": random.choice(PROMPTS)}], "temperature": 0.7}
-    answer = requests.post(f"{url}/v1/chat/completions", json=body, headers=headers(key), timeout=REQUEST_TIMEOUT)
+    answer = requests.post(
+        f"{url}/v1/chat/completions", json=body, headers=headers(key), timeout=REQUEST_TIMEOUT
+    )
     if answer.status_code != 200:
         return answer.status_code, False, None
     body = answer.json()
-    return 200, len(body["choices"]) == 1 and body["usage"]["total_tokens"] > 0, body["usage"]["completion_tokens"]
+    return (
+        200,
+        len(body["choices"]) == 1 and body["usage"]["total_tokens"] > 0,
+        body["usage"]["completion_tokens"],
+    )
 
 
 def stream(url, key):
-    """a streamed completion; it must end with [DONE] and carry usage."""
-    body = {"messages": [{"role": "user", "content": PROMPTS[2]}], "stream": True,
-            "stream_options": {"include_usage": True}}
-    with requests.post(f"{url}/v1/chat/completions", json=body, headers=headers(key), stream=True,
-                       timeout=REQUEST_TIMEOUT) as answer:
-        events = [line[6:] for line in answer.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    """Stream a completion; it must end with [DONE] and carry usage."""
+    body = {
+        "messages": [{"role": "user", "content": PROMPTS[2]}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with requests.post(
+        f"{url}/v1/chat/completions",
+        json=body,
+        headers=headers(key),
+        stream=True,
+        timeout=REQUEST_TIMEOUT,
+    ) as answer:
+        events = [
+            line[6:] for line in answer.iter_lines(decode_unicode=True) if line.startswith("data: ")
+        ]
     if answer.status_code != 200 or events[-1:] != ["[DONE]"] or len(events) < 2:
         return answer.status_code, False, None
     usage = json.loads(events[-2]).get("usage")
@@ -211,10 +331,15 @@ def stream(url, key):
 
 
 def hang_up_mid_stream(url, key):
-    """a streamed completion abandoned after its first pieces."""
+    """Stream a completion and abandon it after its first pieces."""
     body = {"messages": [{"role": "user", "content": PROMPTS[3]}], "stream": True}
-    with requests.post(f"{url}/v1/chat/completions", json=body, headers=headers(key), stream=True,
-                       timeout=REQUEST_TIMEOUT) as answer:
+    with requests.post(
+        f"{url}/v1/chat/completions",
+        json=body,
+        headers=headers(key),
+        stream=True,
+        timeout=REQUEST_TIMEOUT,
+    ) as answer:
         if answer.status_code != 200:
             return answer.status_code, False, None
         lines = answer.iter_lines()
@@ -223,29 +348,55 @@ def hang_up_mid_stream(url, key):
 
 
 def hang_up_while_waiting(url, key):
-    """a whole-answer request abandoned before the answer comes."""
+    """Ask for a whole answer and abandon the request before it comes."""
     try:
         answer = requests.post(url, json={"prompt": PROMPTS[4]}, headers=headers(key), timeout=0.2)
     except requests.Timeout:
         return None, None, None
-    return answer.status_code, None if answer.status_code == 200 else False, None  # answered in time: fine too
+    return (
+        answer.status_code,
+        None if answer.status_code == 200 else False,
+        None,
+    )  # answered in time: fine too
 
 
 def bad_input(url, key):
-    """requests the server must refuse, each in its API's error shape; a wrong key too when the server has keys."""
-    statuses = [requests.post(url, json={"prompt": ""}, headers=headers(key), timeout=30).status_code,
-                requests.post(f"{url}/v1/chat/completions", json={"messages": []}, headers=headers(key),
-                              timeout=30).status_code,
-                requests.post(url, data="{not json", headers={**headers(key), "Content-Type": "application/json"},
-                              timeout=30).status_code]
+    """Send requests the server must refuse, each in its API's error shape; a wrong key too."""
+    statuses = [
+        requests.post(url, json={"prompt": ""}, headers=headers(key), timeout=30).status_code,
+        requests.post(
+            f"{url}/v1/chat/completions", json={"messages": []}, headers=headers(key), timeout=30
+        ).status_code,
+        requests.post(
+            url,
+            data="{not json",
+            headers={**headers(key), "Content-Type": "application/json"},
+            timeout=30,
+        ).status_code,
+    ]
     if key:
-        statuses.append(requests.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user",
-                                      "content": "hi"}]}, headers=headers("not-a-key"), timeout=30).status_code)
+        statuses.append(
+            requests.post(
+                f"{url}/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi"}]},
+                headers=headers("not-a-key"),
+                timeout=30,
+            ).status_code
+        )
     unexpected = [status for status in statuses if status not in REJECTED]
     return (unexpected or statuses)[0], not unexpected, None
 
 
-SCENARIOS = [tutorial, completion, stream, hang_up_mid_stream, completion, bad_input, stream, hang_up_while_waiting]
+SCENARIOS = [
+    tutorial,
+    completion,
+    stream,
+    hang_up_mid_stream,
+    completion,
+    bad_input,
+    stream,
+    hang_up_while_waiting,
+]
 
 
 def run(scenario, url: str, key: str | None) -> Result:
@@ -264,14 +415,23 @@ def run(scenario, url: str, key: str | None) -> Result:
     if ok is None:
         return Result(scenario.__name__, "dropped", status, seconds)
     if not ok:
-        why = f"a bad request got {status}" if scenario is bad_input else f"unexpected or malformed answer ({status})"
+        why = (
+            f"a bad request got {status}"
+            if scenario is bad_input
+            else f"unexpected or malformed answer ({status})"
+        )
         return Result(scenario.__name__, "failed", status, seconds, why=why)
     return Result(scenario.__name__, "answered", status, seconds, tokens)
 
 
-def load(url: str, keys: list, clients: int, seconds: float, scenarios) -> tuple[list[Result], float]:
-    """`clients` students, each with the next key, run the scenarios in turn from their own place in the rotation
-    until time is up; the results and the seconds until the last answer came."""
+def load(
+    url: str, keys: list, clients: int, seconds: float, scenarios
+) -> tuple[list[Result], float]:
+    """Run `clients` students through the scenarios until time is up; return results and seconds.
+
+    Each student has the next key and starts at its own place in the rotation; the seconds are those
+    until the last answer came.
+    """
     results: list[Result] = []
     deadline = time.monotonic() + seconds
 
@@ -291,25 +451,31 @@ def load(url: str, keys: list, clients: int, seconds: float, scenarios) -> tuple
 
 
 def wait_until_idle(url: str, seconds: float = 30) -> None:
-    """until every abandoned generation has left the engine."""
+    """Wait until every abandoned generation has left the engine."""
     deadline = time.monotonic() + seconds
-    while requests.get(f"{url}/health", timeout=10).json()["active_requests"] and time.monotonic() < deadline:
+    while (
+        requests.get(f"{url}/health", timeout=10).json()["active_requests"]
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.2)
     time.sleep(1)
 
 
 def warm_up(url: str, keys: list, clients: int, seconds: float, scenarios) -> None:
-    """a short load, not counted: the first full batches allocate what later ones reuse."""
+    """Run a short load, not counted: the first full batches allocate what later ones reuse."""
     print(f"warming up: {clients} students for {seconds:.0f} s", file=sys.stderr, flush=True)
     load(url, keys, clients, seconds, scenarios)
     wait_until_idle(url)
 
 
 def soak(url: str, pid: int | None, keys: list, model: str, args) -> bool:
-    """the rehearsal: the mix of requests, a summary, and whether the checks passed."""
+    """Rehearse: send the mix of requests, print a summary; return whether the checks passed."""
     if args.clients > len(keys) > 1:
-        print(f"note: {args.clients} students share {len(keys)} keys, so a key's --max-concurrent-per-key may "
-              f"refuse some with 429", file=sys.stderr)
+        print(
+            f"note: {args.clients} students share {len(keys)} keys, "
+            "so a key's --max-concurrent-per-key may refuse some with 429",
+            file=sys.stderr,
+        )
     warm_up(url, keys, args.clients, args.duration / 6, SCENARIOS)
     before = process_status(pid) if pid else None
     results, elapsed = load(url, keys, args.clients, args.duration, SCENARIOS)
@@ -320,44 +486,71 @@ def soak(url: str, pid: int | None, keys: list, model: str, args) -> bool:
 
 
 def summary(results: list[Result], elapsed: float) -> dict:
-    """counts by kind and refusal status, latency of full answers, and answer tokens per second."""
+    """Return counts by kind and refusal status, full answers' latency, and tokens per second."""
     answered = [result for result in results if result.kind == "answered"]
     latencies = [result.seconds for result in answered]
-    return {"kinds": Counter(result.kind for result in results),
-            "refusals": Counter(result.status for result in results if result.kind == "refused"),
-            "p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
-            "tokens_per_s": sum(result.tokens or 0 for result in answered) / elapsed}
+    return {
+        "kinds": Counter(result.kind for result in results),
+        "refusals": Counter(result.status for result in results if result.kind == "refused"),
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
+        "tokens_per_s": sum(result.tokens or 0 for result in answered) / elapsed,
+    }
 
 
 def report(results: list[Result], elapsed: float, before: dict | None, after: dict | None) -> bool:
     figures = summary(results, elapsed)
     kinds = figures["kinds"]
-    print(f"  answered   {kinds['answered']:5}   latency p50 {seconds(figures['p50'])}, p95 {seconds(figures['p95'])}; "
-          f"{figures['tokens_per_s']:.1f} tokens/s (counted on /v1: POST / does not report its tokens)")
+    latency = f"latency p50 {seconds(figures['p50'])}, p95 {seconds(figures['p95'])}"
+    print(
+        f"  answered   {kinds['answered']:5}   {latency}; {figures['tokens_per_s']:.1f} tokens/s "
+        "(counted on /v1: POST / does not report its tokens)"
+    )
     print(f"  refused    {kinds['refused']:5}")
     for status, count in sorted(figures["refusals"].items()):
         print(f"    {status} x{count}: {TURNED_AWAY[status]}")
-    print(f"  rejected   {kinds['rejected']:5}   bad requests answered with a 4xx, as they should be")
-    print(f"  abandoned  {kinds['dropped']:5}   on purpose, by the student, before the answer ended")
+    print(
+        f"  rejected   {kinds['rejected']:5}   bad requests answered with a 4xx, as they should be"
+    )
+    print(
+        f"  abandoned  {kinds['dropped']:5}   on purpose, by the student, before the answer ended"
+    )
     print(f"  failed     {kinds['failed']:5}")
-    for why, count in Counter(result.why for result in results if result.kind == "failed").most_common(10):
+    for why, count in Counter(
+        result.why for result in results if result.kind == "failed"
+    ).most_common(10):
         print(f"    x{count}: {why}")
-    print("  per scenario: " + ", ".join(f"{name} {count}" for name, count in
-                                         sorted(Counter(result.scenario for result in results).items())))
-    checks = {"no request lost, malformed or answered with a server error": kinds["failed"] == 0,
-              "no student turned away for lack of capacity (503, 504)": not {503, 504} & set(figures["refusals"])}
+    print(
+        "  per scenario: "
+        + ", ".join(
+            f"{name} {count}"
+            for name, count in sorted(Counter(result.scenario for result in results).items())
+        )
+    )
+    checks = {
+        "no request lost, malformed or answered with a server error": kinds["failed"] == 0,
+        "no student turned away for lack of capacity (503, 504)": not {503, 504}
+        & set(figures["refusals"]),
+    }
     if before and after:
         growth = after["rss_mb"] / before["rss_mb"] - 1
-        print(f"  server RSS {before['rss_mb']:.0f} MB -> {after['rss_mb']:.0f} MB ({growth:+.1%}); "
-              f"threads {before['threads']} -> {after['threads']}")
-        checks.update({"RSS grew under 10%": growth < 0.10, "no new threads": after["threads"] <= before["threads"]})
+        print(
+            f"  server RSS {before['rss_mb']:.0f} MB -> {after['rss_mb']:.0f} MB ({growth:+.1%}); "
+            f"threads {before['threads']} -> {after['threads']}"
+        )
+        checks.update(
+            {
+                "RSS grew under 10%": growth < 0.10,
+                "no new threads": after["threads"] <= before["threads"],
+            }
+        )
     for name, passed in checks.items():
         print(f"{'PASS' if passed else 'FAIL'}: {name}")
     return all(checks.values())
 
 
 def capacity_table(url: str, keys: list, model: str, args) -> bool:
-    """the capacity table as markdown on stdout; whether no request failed."""
+    """Print the capacity table as markdown on stdout; return whether no request failed."""
     rows, failed = [], 0
     warm_up(url, keys, min(16, max(args.class_sizes)), args.duration / 4, [completion])
     for students in args.class_sizes:
@@ -368,22 +561,49 @@ def capacity_table(url: str, keys: list, model: str, args) -> bool:
             figures = summary(results, elapsed)
             kinds = figures["kinds"]
             failed += kinds["failed"]
-            statuses = ", ".join(f"{count}x {status}" for status, count in sorted(figures["refusals"].items()))
+            statuses = ", ".join(
+                f"{count}x {status}" for status, count in sorted(figures["refusals"].items())
+            )
             turned_away = f"{kinds['refused']} ({statuses})" if statuses else "0"
-            rows.append(f"| {students} | {asking} | {kinds['answered']} | {turned_away} | {kinds['failed']} | "
-                        f"{seconds(figures['p50'])} | {seconds(figures['p95'])} | {figures['tokens_per_s']:.1f} | "
-                        f"{figures['tokens_per_s'] / asking:.1f} |")
+            cells = [
+                students,
+                asking,
+                kinds["answered"],
+                turned_away,
+                kinds["failed"],
+                seconds(figures["p50"]),
+                seconds(figures["p95"]),
+                f"{figures['tokens_per_s']:.1f}",
+                f"{figures['tokens_per_s'] / asking:.1f}",
+            ]
+            rows.append("| " + " | ".join(map(str, cells)) + " |")
             print(rows[-1], file=sys.stderr, flush=True)
-    where = (f"the server at {url}, answers up to its --max-new-tokens" if args.url else
-             f"a server this script started, {os.cpu_count()} CPU cores, answers up to {args.new_tokens} tokens"
-             + (f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if "OMP_WAIT_POLICY" in os.environ else ""))
+    where = (
+        f"the server at {url}, answers up to its --max-new-tokens"
+        if args.url
+        else f"a server this script started, {os.cpu_count()} CPU cores, "
+        f"answers up to {args.new_tokens} tokens"
+        + (
+            f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+            if "OMP_WAIT_POLICY" in os.environ
+            else ""
+        )
+    )
     server = f"--url {url}" if args.url else f"--model {model} --new-tokens {args.new_tokens}"
-    command = (f"python benchmarks/soak.py --table {server} --duration {args.duration:g} --class-sizes "
-               f"{' '.join(map(str, args.class_sizes))} --asking {' '.join(f'{share:g}' for share in args.asking)}")
-    print(f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC with `{command}`: {model}, {where}, "
-          f"{args.duration:g} s a row.\n")
-    print("| students | asking at once | answered | turned away | failed | latency p50 | latency p95 "
-          "| tokens/s, class | tokens/s, each asking |")
+    class_sizes = " ".join(map(str, args.class_sizes))
+    asking_shares = " ".join(f"{share:g}" for share in args.asking)
+    command = (
+        f"python benchmarks/soak.py --table {server} --duration {args.duration:g} "
+        f"--class-sizes {class_sizes} --asking {asking_shares}"
+    )
+    print(
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC with `{command}`: {model}, {where}, "
+        f"{args.duration:g} s a row.\n"
+    )
+    print(
+        "| students | asking at once | answered | turned away | failed | latency p50 | latency p95 "
+        "| tokens/s, class | tokens/s, each asking |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     return failed == 0
@@ -394,7 +614,9 @@ def seconds(value: float) -> str:
 
 
 def process_status(pid: int) -> dict:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
     return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "threads": int(fields["Threads"])}
 
 

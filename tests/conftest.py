@@ -9,7 +9,7 @@ import pytest
 # Tests never reach the hub: a download attempt fails at once instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tutorial_api import create_app, load_model, start_server  # noqa: E402
+from tutorial_api import create_app, load_model, start_server
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,23 +25,28 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny():
-    """the tiny random-weight Qwen2 and its tokenizer, built once."""
+    """The tiny random-weight Qwen2 and its tokenizer, built once."""
     return load_model("tiny-qwen2")
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """the real offline default model, SmolLM2-135M-Instruct."""
+    """The real offline default model, SmolLM2-135M-Instruct."""
     return load_model("smollm2-135m")
 
 
 @pytest.fixture
 def serve():
-    """start the tiny model's app on a free loopback port with some settings changed; stopped after the test."""
+    """Start the tiny model's app with some settings changed, on a free loopback port.
+
+    Each server started stops after the test.
+    """
     servers = []
 
     def start(**settings):
-        servers.append(start_server(create_app("tiny-qwen2", **settings), port=0, log_level="warning"))
+        servers.append(
+            start_server(create_app("tiny-qwen2", **settings), port=0, log_level="warning")
+        )
         return servers[-1]
 
     yield start
@@ -51,7 +56,7 @@ def serve():
 
 @pytest.fixture(scope="session")
 def tiny_server():
-    """the tiny model's app with default settings on a free loopback port, shared by the tests that call it."""
+    """The tiny model's app with default settings on a free loopback port, shared by its users."""
     server = start_server(create_app("tiny-qwen2"), port=0, log_level="warning")
     yield server
     server.stop()
@@ -59,7 +64,7 @@ def tiny_server():
 
 @pytest.fixture(scope="session")
 def slow_tiny(tiny):
-    """the tiny model slowed to 20 ms a decoding step, so a long answer reliably outlasts a test's checks."""
+    """The tiny model slowed to 20 ms a decoding step: a long answer outlasts a test's checks."""
     model, tokenizer = tiny
     slow = copy.deepcopy(model)
     fast_forward = slow.forward
@@ -72,12 +77,22 @@ def slow_tiny(tiny):
     return slow, tokenizer
 
 
-class FaultyModel:
-    """a model that behaves like the one it wraps, except on the forward calls `fails(call, input_ids)` picks:
-    there it raises `error`. `gate`, when set, holds every call until the test opens it; `entered` is set once
-    a call waits there."""
+INJECTED_FAULT = RuntimeError("injected fault: secret")
 
-    def __init__(self, model, fails=lambda call, input_ids: False, error=RuntimeError("injected fault: secret")):
+
+class FaultyModel:
+    """A model like the one it wraps, but raising `error` where `fails(call, input_ids)` says.
+
+    `gate`, when set, holds every call until the test opens it; `entered` is set once a call waits
+    there.
+    """
+
+    def __init__(
+        self,
+        model,
+        fails=lambda call, input_ids: False,
+        error=INJECTED_FAULT,
+    ):
         self._model, self._fails, self._error = model, fails, error
         self.calls = 0
         self.gate: threading.Event | None = None
@@ -98,19 +113,22 @@ class FaultyModel:
 
 @pytest.fixture
 def faulty(tiny):
-    """build a FaultyModel around the tiny model: `faulty(fails=..., error=...)`."""
+    """Build a FaultyModel around the tiny model: `faulty(fails=..., error=...)`."""
     return lambda **options: FaultyModel(tiny[0], **options)
 
 
 @pytest.fixture
 def decoding():
-    """read a streamed OpenAI answer until its first token's text: its request is in the running batch, not
-    waiting. Returns the lines, to keep: dropping them closes the connection, and the server cancels."""
+    """Read a streamed OpenAI answer until its first token's text: its request is in the batch.
+
+    Returns the lines, to keep: dropping them closes the connection, and the server cancels.
+    """
 
     def read(streamed):
         lines = streamed.iter_lines(decode_unicode=True)
-        while not (line := next(lines)).startswith("data: ") or not json.loads(line[6:])["choices"][0]["delta"].get(
-                "content"):
+        while not (line := next(lines)).startswith("data: ") or not json.loads(line[6:])["choices"][
+            0
+        ]["delta"].get("content"):
             pass
         return lines
 

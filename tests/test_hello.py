@@ -54,22 +54,35 @@ def test_the_docs_pages_work_offline(client, page):
 def test_importing_the_hello_app_and_the_client_loads_no_torch():
     """notebook 1 needs neither torch nor transformers: importing them took seconds."""
     imported = subprocess.run(
-        [sys.executable, "-c", "import sys, tutorial_api.hello, tutorial_api.client; "
-                               "print(sorted({'torch', 'transformers'} & set(sys.modules)))"],
-        capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, tutorial_api.hello, tutorial_api.client; "
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert imported.stdout.strip() == "[]", imported.stdout
 
 
 @pytest.mark.slow
 def test_the_package_names_load_on_first_use():
-    """each public name is what it was before the imports became lazy, whatever was imported first."""
+    """Each public name is what it was before imports became lazy, whatever came first."""
     checked = subprocess.run(
-        [sys.executable, "-c", "import tutorial_api.chat, tutorial_api.models\n"
-                               "from tutorial_api import chat, start_server, __all__\n"
-                               "import tutorial_api\n"
-                               "assert callable(chat) and chat is tutorial_api.chat, chat\n"
-                               "assert start_server.__module__ == 'tutorial_api.server'\n"
-                               "assert set(__all__) <= set(dir(tutorial_api))\n"
-                               "try:\n    tutorial_api.no_such_name\nexcept AttributeError:\n    print('ok')"],
-        capture_output=True, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import tutorial_api.conversation, tutorial_api.models\n"
+            "from tutorial_api import chat, start_server, __all__\n"
+            "import tutorial_api\n"
+            "assert callable(chat) and chat is tutorial_api.conversation, chat\n"
+            "assert start_server.__module__ == 'tutorial_api.server'\n"
+            "assert set(__all__) <= set(dir(tutorial_api))\n"
+            "try:\n    tutorial_api.no_such_name\nexcept AttributeError:\n    print('ok')",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert checked.stdout.strip() == "ok", checked.stderr

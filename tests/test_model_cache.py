@@ -22,7 +22,9 @@ print("loaded", flush=True)
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """an empty model cache for this test, and a stand-in GGUF file whose conversions the test writes itself."""
+    """An empty model cache for this test, and a stand-in GGUF file whose conversions the test
+    writes itself.
+    """
     monkeypatch.setenv("TUTORIAL_API_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "tiny.gguf"
     source.write_bytes(b"a stand-in for a GGUF file")
@@ -41,10 +43,20 @@ def write_weights(content: bytes):
 
 
 @pytest.mark.slow
-def test_two_processes_loading_at_once_from_an_empty_cache_both_succeed_and_convert_once(tmp_path):
+def test_two_loaders_at_once_both_succeed_and_convert_once(tmp_path):
+    """Two processes loading at once from an empty cache both succeed and convert once."""
     environment = {**os.environ, "TUTORIAL_API_CACHE": str(tmp_path)}
-    loaders = [subprocess.Popen([sys.executable, "-c", LOADER], env=environment, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    loaders = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOADER],
+            env=environment,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     try:
         for loader in loaders:  # both past their imports, so their loads start together
             while (line := loader.stdout.readline()) and line.strip() != "ready":
@@ -61,7 +73,8 @@ def test_two_processes_loading_at_once_from_an_empty_cache_both_succeed_and_conv
     assert sum(output.count("model_cache: Building") for output in outputs) == 1, outputs
 
 
-def test_a_loader_arriving_during_a_conversion_waits_and_never_sees_a_half_written_folder(cache, caplog):
+def test_a_loader_arriving_during_a_conversion_waits(cache, caplog):
+    """A loader arriving during a conversion waits and never sees a half-written folder."""
     halfway, finish, waiting = threading.Event(), threading.Event(), threading.Event()
 
     def slow_build(folder):
@@ -79,13 +92,20 @@ def test_a_loader_arriving_during_a_conversion_waits_and_never_sees_a_half_writt
     caplog.set_level(logging.INFO, logger="tutorial_api.model_cache")
     logging.getLogger("tutorial_api.model_cache").addHandler(notice)
     quick_build, found = write_weights(b"a second conversion"), {}
-    writer = threading.Thread(target=lambda: found.update(writer=model_cache._cached(cache, "model", slow_build)))
-    reader = threading.Thread(target=lambda: found.update(reader=model_cache._cached(cache, "model", quick_build)))
+    writer = threading.Thread(
+        target=lambda: found.update(writer=model_cache._cached(cache, "model", slow_build))
+    )
+    reader = threading.Thread(
+        target=lambda: found.update(reader=model_cache._cached(cache, "model", quick_build))
+    )
     try:
         writer.start()
         assert halfway.wait(60)
-        published = [path for path in (cache.parent / "cache").rglob("*") if not path.name.startswith(".")
-                     and path.is_dir() and (path / "weights.bin").exists()]
+        published = [
+            path
+            for path in (cache.parent / "cache").rglob("*")
+            if not path.name.startswith(".") and path.is_dir() and (path / "weights.bin").exists()
+        ]
         assert published == []  # the half-written folder is not where a reader looks
         reader.start()
         deadline = time.monotonic() + 60
@@ -121,21 +141,30 @@ def test_a_damaged_folder_is_noticed_and_rebuilt(cache, damage):
     assert model_cache._cached(cache, "model", build) == folder and build.runs == 2
     assert sorted(path.name for path in folder.iterdir()) == ["manifest.json", "weights.bin"]
     assert weights.read_bytes() == b"0123456789" * 1000
-    assert [path.name for path in folder.parent.iterdir() if path.name.startswith(".")] == []  # nothing left over
+    assert [
+        path.name for path in folder.parent.iterdir() if path.name.startswith(".")
+    ] == []  # nothing left over
 
 
-def test_a_warm_start_checks_sizes_and_times_without_reading_the_files(cache, monkeypatch):
+def test_a_warm_start_reads_no_file(cache, monkeypatch):
+    """A warm start checks sizes and times without reading the files."""
     build = write_weights(b"weights")
     folder = model_cache._cached(cache, "model", build)
-    monkeypatch.setattr(model_cache, "_sha256", lambda path: pytest.fail(f"{path} was hashed on a warm start"))
+    monkeypatch.setattr(
+        model_cache, "_sha256", lambda path: pytest.fail(f"{path} was hashed on a warm start")
+    )
     assert model_cache._cached(cache, "model", build) == folder and build.runs == 1
 
 
 def test_each_transformers_version_keeps_its_own_conversion(cache, monkeypatch):
     build, installed = write_weights(b"weights"), model_cache.transformers.__version__
     first = model_cache._cached(cache, "model", build)
-    monkeypatch.setattr(model_cache.transformers, "__version__", "99.0.0")  # another environment sharing the cache
+    monkeypatch.setattr(
+        model_cache.transformers, "__version__", "99.0.0"
+    )  # another environment sharing the cache
     second = model_cache._cached(cache, "model", build)
     assert second != first and build.runs == 2
     monkeypatch.setattr(model_cache.transformers, "__version__", installed)
-    assert model_cache._cached(cache, "model", build) == first and build.runs == 2  # still intact: no rebuild
+    assert (
+        model_cache._cached(cache, "model", build) == first and build.runs == 2
+    )  # still intact: no rebuild

@@ -11,7 +11,13 @@ from tutorial_api.models import _placement, choose_dtype, context_length
 
 
 def test_presets_cover_the_offline_models_and_the_qwen_family():
-    assert {"smollm2-135m", "tiny-qwen2", "qwen2.5-0.5b-instruct", "qwen2.5-7b-instruct", "qwen-7b-chat"} <= set(PRESETS)
+    assert {
+        "smollm2-135m",
+        "tiny-qwen2",
+        "qwen2.5-0.5b-instruct",
+        "qwen2.5-7b-instruct",
+        "qwen-7b-chat",
+    } <= set(PRESETS)
     assert PRESETS["qwen2.5-0.5b-instruct"].hub_id == "Qwen/Qwen2.5-0.5B-Instruct"
     assert PRESETS["qwen-7b-chat"].remote_code
 
@@ -22,7 +28,9 @@ def test_tiny_qwen2_is_a_real_qwen2_with_fixed_weights(tiny):
     assert model.config.model_type == "qwen2"
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     again, _ = load_model("tiny-qwen2")
-    for (name, weight), (_, same) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (name, weight), (_, same) in zip(
+        model.state_dict().items(), again.state_dict().items(), strict=True
+    ):
         assert torch.equal(weight, same), name
 
 
@@ -35,7 +43,12 @@ def test_tiny_qwen2_leaves_the_global_random_state_alone():
 
 
 X86_WITH_BF16 = {"architecture": "x86_64", "avx512_f": True, "avx512_bf16": True, "amx_bf16": False}
-X86_WITHOUT_BF16 = {"architecture": "x86_64", "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}
+X86_WITHOUT_BF16 = {
+    "architecture": "x86_64",
+    "avx512_f": True,
+    "avx512_bf16": False,
+    "amx_bf16": False,
+}
 X86_WITH_AMX = {"architecture": "x86_64", "avx512_f": True, "avx512_bf16": False, "amx_bf16": True}
 
 
@@ -43,12 +56,21 @@ X86_WITH_AMX = {"architecture": "x86_64", "avx512_f": True, "avx512_bf16": False
 def cpu(monkeypatch):
     """make torch report this CPU's capabilities as given: `cpu(X86_WITH_BF16)`."""
     monkeypatch.delenv("TUTORIAL_API_DTYPE", raising=False)
-    return lambda capabilities: monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    return lambda capabilities: monkeypatch.setattr(
+        torch.cpu, "get_capabilities", lambda: capabilities
+    )
 
 
-@pytest.mark.parametrize(("capabilities", "expected"), [
-    (X86_WITH_BF16, torch.bfloat16), (X86_WITH_AMX, torch.bfloat16), (X86_WITHOUT_BF16, torch.float32)])
-def test_auto_computes_in_bf16_exactly_where_torch_finds_native_bf16_on_the_cpu(cpu, capabilities, expected):
+@pytest.mark.parametrize(
+    ("capabilities", "expected"),
+    [
+        (X86_WITH_BF16, torch.bfloat16),
+        (X86_WITH_AMX, torch.bfloat16),
+        (X86_WITHOUT_BF16, torch.float32),
+    ],
+)
+def test_auto_picks_bf16_where_the_cpu_has_native_bf16(cpu, capabilities, expected):
+    """auto computes in bf16 exactly where torch finds native bf16 on the CPU."""
     cpu(capabilities)
     model, _ = load_model("tiny-qwen2", device="cpu")
     assert model.dtype == expected
@@ -56,7 +78,8 @@ def test_auto_computes_in_bf16_exactly_where_torch_finds_native_bf16_on_the_cpu(
 
 
 @pytest.mark.parametrize("acl", [True, False])
-def test_on_arm_auto_wants_the_bf16_extension_and_torchs_arm_kernels_for_it(cpu, monkeypatch, acl):
+def test_on_arm_auto_wants_the_bf16_extension_and_kernels(cpu, monkeypatch, acl):
+    """On Arm, auto wants the bf16 extension and torch's Arm kernels for it."""
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_acl_supported", lambda: acl)
     cpu({"architecture": "arm64", "neon": True, "bf16": True})
     assert choose_dtype("auto", "cpu") == (torch.bfloat16 if acl else torch.float32)
@@ -65,8 +88,8 @@ def test_on_arm_auto_wants_the_bf16_extension_and_torchs_arm_kernels_for_it(cpu,
 
 
 @pytest.mark.parametrize("capabilities", [X86_WITH_BF16, X86_WITHOUT_BF16])
-def test_an_explicit_dtype_wins_over_auto_as_a_string_a_torch_dtype_or_the_environment(cpu, monkeypatch,
-                                                                                        capabilities):
+def test_an_explicit_dtype_wins_over_auto(cpu, monkeypatch, capabilities):
+    """An explicit dtype wins over auto, as a string, a torch dtype or the environment."""
     cpu(capabilities)
     assert load_model("tiny-qwen2", dtype="float32")[0].dtype == torch.float32
     assert load_model("tiny-qwen2", dtype=torch.bfloat16)[0].dtype == torch.bfloat16
@@ -76,23 +99,37 @@ def test_an_explicit_dtype_wins_over_auto_as_a_string_a_torch_dtype_or_the_envir
     assert load_model("tiny-qwen2", dtype="auto")[0].dtype == choose_dtype("auto", "cpu")
 
 
-@pytest.mark.parametrize(("own", "gpu_has_bf16", "expected"), [
-    (torch.bfloat16, True, torch.bfloat16), (torch.bfloat16, False, torch.float16),
-    (torch.float16, True, torch.float16), (torch.float32, True, torch.float32), (torch.float32, False, torch.float32),
-])
-def test_on_a_gpu_auto_keeps_the_models_own_dtype_with_fp16_where_bf16_is_missing(cpu, monkeypatch, own,
-                                                                                  gpu_has_bf16, expected):
+@pytest.mark.parametrize(
+    ("own", "gpu_has_bf16", "expected"),
+    [
+        (torch.bfloat16, True, torch.bfloat16),
+        (torch.bfloat16, False, torch.float16),
+        (torch.float16, True, torch.float16),
+        (torch.float32, True, torch.float32),
+        (torch.float32, False, torch.float32),
+    ],
+)
+def test_on_a_gpu_auto_keeps_the_models_own_dtype(cpu, monkeypatch, own, gpu_has_bf16, expected):
+    """On a GPU, auto keeps the model's own dtype, with fp16 where bf16 is missing."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: gpu_has_bf16)
     cpu(X86_WITH_BF16)  # the host CPU has no say on a GPU
     assert choose_dtype("auto", "cuda", own) == choose_dtype("auto", "cuda:1", own) == expected
     assert choose_dtype(torch.float32, "cuda", own) == torch.float32
-    for named_in_config in (own, str(own).removeprefix("torch.")):  # a config read from JSON names it as text
+    for named_in_config in (
+        own,
+        str(own).removeprefix("torch."),
+    ):  # a config read from JSON names it as text
         config = Qwen2Config(dtype=named_in_config)
-        assert _placement("cuda", "auto").pretrained_kwargs(config) == {"dtype": expected, "device_map": "auto"}
+        assert _placement("cuda", "auto").pretrained_kwargs(config) == {
+            "dtype": expected,
+            "device_map": "auto",
+        }
 
 
-def test_bf16_keeps_the_rotary_frequencies_in_fp32_as_transformers_own_loading_does():
-    """casting a loaded model with .to(bfloat16) would round them too, and blur the positions of long prompts."""
+def test_bf16_keeps_the_rotary_frequencies_in_fp32():
+    """Casting a loaded model with .to(bfloat16) would round them too, and blur the positions of
+    long prompts.
+    """
     model, _ = load_model("tiny-qwen2", dtype="bfloat16")
     assert model.dtype == torch.bfloat16 and model.model.rotary_emb.inv_freq.dtype == torch.float32
 
@@ -101,7 +138,10 @@ def test_bf16_keeps_the_rotary_frequencies_in_fp32_as_transformers_own_loading_d
 def test_a_bad_dtype_is_refused_naming_the_flag_and_the_variable(dtype):
     with pytest.raises(ValueError) as refused:
         load_model("tiny-qwen2", dtype=dtype)
-    assert all(name in str(refused.value) for name in ("--dtype", "$TUTORIAL_API_DTYPE", repr(dtype), "bfloat16"))
+    assert all(
+        name in str(refused.value)
+        for name in ("--dtype", "$TUTORIAL_API_DTYPE", repr(dtype), "bfloat16")
+    )
 
 
 def test_environment_variable_sets_the_default_model(monkeypatch):
@@ -121,8 +161,8 @@ def test_local_folder_loads_the_same_model(tiny, tmp_path):
         assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
 
 
-def test_a_local_load_shows_no_progress_bar_and_leaves_them_enabled(tiny, tmp_path, capfd):
-    """the "Loading weights" bar would stay frozen at 0% in a saved notebook; downloads keep theirs."""
+def test_a_local_load_shows_no_progress_bar(tiny, tmp_path, capfd):
+    """The "Loading weights" bar would stay at 0% in a saved notebook; downloads keep theirs."""
     from transformers.utils import logging as transformers_logging
 
     model, tokenizer = tiny
@@ -134,7 +174,8 @@ def test_a_local_load_shows_no_progress_bar_and_leaves_them_enabled(tiny, tmp_pa
     assert transformers_logging.is_progress_bar_enabled()
 
 
-def test_unreachable_hub_id_gives_one_clear_error_naming_the_offline_default():
+def test_an_unreachable_hub_id_gives_one_clear_error():
+    """An unreachable hub id gives one clear error, naming the offline default."""
     with pytest.raises(ModelNotAvailable) as failure:
         load_model("Qwen/Qwen2.5-0.5B-Instruct")
     message = str(failure.value)
@@ -174,7 +215,9 @@ def test_gguf_cache_is_built_once_then_trusted_only_while_intact(tmp_path, monke
         load_model("smollm2-135m")
         built = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Building")]
         caplog.clear()
-        return sorted(message.rsplit("/", 1)[-1].split("-")[0] for message in built)  # model-KEY: model
+        return sorted(
+            message.rsplit("/", 1)[-1].split("-")[0] for message in built
+        )  # model-KEY: model
 
     assert builds() == ["model", "tokenizer"]
     assert builds() == []
@@ -194,14 +237,17 @@ def test_gguf_cache_is_built_once_then_trusted_only_while_intact(tmp_path, monke
     assert builds() == ["tokenizer"]
 
 
-# The original tutorial's model, Qwen/Qwen-7B-Chat, runs code from its own repository: only on request.
+# The original tutorial's model, Qwen/Qwen-7B-Chat, runs code from its own repository: only on
+# request.
 
 TUTORIAL_MODEL = "Qwen/Qwen-7B-Chat"
 
 
 @pytest.fixture
 def tutorial_model_downloaded(tiny, tmp_path, monkeypatch):
-    """the tutorial's model "downloaded" (the tiny Qwen2's files stand in for it): only the network call is fake."""
+    """The tutorial's model "downloaded" (the tiny Qwen2's files stand in for it): only the network
+    call is fake.
+    """
     import huggingface_hub
 
     from tutorial_api import download
@@ -217,7 +263,8 @@ def tutorial_model_downloaded(tiny, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", [TUTORIAL_MODEL, "qwen-7b-chat"])
-def test_remote_code_is_refused_without_opt_in_before_any_download(name, monkeypatch):
+def test_remote_code_is_refused_without_opt_in(name, monkeypatch):
+    """Remote code is refused without opt-in, before any download."""
     from transformers import AutoTokenizer
 
     def download(*args, **kwargs):
@@ -232,7 +279,9 @@ def test_remote_code_is_refused_without_opt_in_before_any_download(name, monkeyp
     assert "TUTORIAL_API_TRUST_REMOTE_CODE=1" in message
 
 
-def test_the_tutorial_model_id_loads_with_trust_remote_code(tutorial_model_downloaded, tiny, monkeypatch):
+def test_the_tutorial_model_id_loads_with_trust_remote_code(
+    tutorial_model_downloaded, tiny, monkeypatch
+):
     model, _ = load_model(TUTORIAL_MODEL, trust_remote_code=True)
     assert torch.equal(model.state_dict()["lm_head.weight"], tiny[0].state_dict()["lm_head.weight"])
     monkeypatch.setenv("TUTORIAL_API_TRUST_REMOTE_CODE", "1")
@@ -247,20 +296,31 @@ def test_serve_trust_remote_code_flag_reaches_the_model(tutorial_model_downloade
     from tutorial_api.cli import _parser, _settings_from
 
     refused = _settings_from(_parser().parse_args(["serve", "--model", TUTORIAL_MODEL]))
-    with pytest.raises(ModelNotAvailable, match="--trust-remote-code"), TestClient(create_app(settings=refused)):
+    with (
+        pytest.raises(ModelNotAvailable, match="--trust-remote-code"),
+        TestClient(create_app(settings=refused)),
+    ):
         pass
-    allowed = _settings_from(_parser().parse_args(["serve", "--model", TUTORIAL_MODEL, "--trust-remote-code"]))
+    allowed = _settings_from(
+        _parser().parse_args(["serve", "--model", TUTORIAL_MODEL, "--trust-remote-code"])
+    )
     assert allowed.trust_remote_code is True
     with TestClient(create_app(settings=allowed)) as client:
         assert client.get("/health").json()["model"] == TUTORIAL_MODEL
 
 
-def test_a_repository_with_its_own_code_is_refused_with_the_same_explanation(tiny, tmp_path):
+def test_a_repository_with_its_own_code_is_refused(tiny, tmp_path):
+    """A repository with its own code is refused with the same explanation."""
     tiny[0].save_pretrained(tmp_path)
     tiny[1].save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config.update(model_type="homemade", auto_map={"AutoConfig": "configuration_homemade.HomemadeConfig",
-                                                   "AutoModelForCausalLM": "modeling_homemade.HomemadeModel"})
+    config.update(
+        model_type="homemade",
+        auto_map={
+            "AutoConfig": "configuration_homemade.HomemadeConfig",
+            "AutoModelForCausalLM": "modeling_homemade.HomemadeModel",
+        },
+    )
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelNotAvailable, match="needs remote code"):
         load_model(str(tmp_path))

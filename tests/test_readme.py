@@ -25,4 +25,6 @@ def test_the_chinese_readme_has_every_section_of_the_english_one():
 def test_each_readme_links_the_other_at_the_top():
     for path, other in [(ENGLISH, CHINESE), (CHINESE, ENGLISH)]:
         top = path.read_text(encoding="utf-8").splitlines()[:5]
-        assert any(f"]({other.name})" in line for line in top), f"{path.name} does not link {other.name} at the top"
+        assert any(f"]({other.name})" in line for line in top), (
+            f"{path.name} does not link {other.name} at the top"
+        )

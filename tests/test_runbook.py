@@ -1,4 +1,6 @@
-"""the teacher's runbook, in English and Chinese: each links the other, and its commands are ones the kit accepts."""
+"""The teacher's runbook, in English and Chinese: each links the other, and its commands are ones
+the kit accepts.
+"""
 
 import re
 import shlex
@@ -15,21 +17,27 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import soak  # noqa: E402
 
-# The kit's commands whose options this test checks against the real parsers; `download` comes from another module.
+# The kit's commands whose options this test checks against the real parsers; `download` comes from
+# another module.
 CHECKED = ("keys", "serve", "chat", "download")
 
 
 def commands(text: str, program: str) -> list[list[str]]:
-    """each `program ...` command in the text, continued lines joined, without a trailing redirection."""
+    """Each `program ...` command in the text, continued lines joined, without a trailing
+    redirection.
+    """
     text = text.replace("\\\n", " ")
     found = re.findall(re.escape(program) + r"[^`\n]*", text)
-    return [shlex.split(command.split(" > ")[0])[len(program.split()):] for command in found]
+    return [shlex.split(command.split(" > ")[0])[len(program.split()) :] for command in found]
 
 
 @pytest.mark.parametrize("language", RUNBOOKS)
 def test_the_kit_accepts_the_runbook_commands(language):
-    checked = [argv for argv in commands(RUNBOOKS[language].read_text(), "python -m tutorial_api")
-               if argv[0] in CHECKED]
+    checked = [
+        argv
+        for argv in commands(RUNBOOKS[language].read_text(), "python -m tutorial_api")
+        if argv[0] in CHECKED
+    ]
     assert {argv[0] for argv in checked} == set(CHECKED)
     for argv in checked:
         _parser().parse_args(argv)  # exits, naming the option, if one is unknown or malformed
@@ -40,7 +48,9 @@ def test_the_soak_script_accepts_the_runbook_commands(language, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "class-keys.txt").write_text("student01:a-key\n")
     rehearsals = commands(RUNBOOKS[language].read_text(), "python benchmarks/soak.py")
-    assert any("--table" in argv for argv in rehearsals) and any("--table" not in argv for argv in rehearsals)
+    assert any("--table" in argv for argv in rehearsals) and any(
+        "--table" not in argv for argv in rehearsals
+    )
     for argv in rehearsals:
         soak.parse_args(argv)
 

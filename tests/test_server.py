@@ -32,7 +32,11 @@ class Kernel:
 @pytest.fixture(scope="module")
 def kernel():
     kernel = Kernel()
-    kernel.run("import requests\nfrom tutorial_api import start_server, PortInUse\nfrom tutorial_api.hello import app")
+    kernel.run(
+        "import requests\n"
+        "from tutorial_api import start_server, PortInUse\n"
+        "from tutorial_api.hello import app"
+    )
     yield kernel
     kernel.close()
 
@@ -52,7 +56,8 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def test_uvicorn_run_fails_in_a_kernel_and_start_server_is_the_way(kernel):
+def test_uvicorn_run_fails_in_a_kernel_but_start_server_works(kernel):
+    """uvicorn.run fails in a kernel, and start_server is the way."""
     with pytest.raises(AssertionError, match="RuntimeError"):
         kernel.run("import uvicorn\nuvicorn.run(app, port=0)")
 
@@ -65,16 +70,26 @@ def test_start_rerun_and_stop_in_a_kernel(kernel):
     kernel.run("first = server")
     assert kernel.run(start) == f"http://127.0.0.1:{port}"
     assert kernel.run("print(first.running, server.running)") == "False True"
-    assert kernel.run("print(requests.get(server.url + '/items/5?q=somequery').json())") == \
-        "{'item_id': 5, 'q': 'somequery'}"
+    assert (
+        kernel.run("print(requests.get(server.url + '/items/5?q=somequery').json())")
+        == "{'item_id': 5, 'q': 'somequery'}"
+    )
     kernel.run("server.stop()")
     assert port_is_free(port)
-    assert kernel.run("import threading\nprint([t.name for t in threading.enumerate() if t.name.startswith('uvicorn')])") == "[]"
+    assert (
+        kernel.run(
+            "import threading\n"
+            "print([t.name for t in threading.enumerate() if t.name.startswith('uvicorn')])"
+        )
+        == "[]"
+    )
 
 
-def test_a_named_server_on_a_free_port_is_replaced_when_its_cell_runs_again(kernel):
-    """port 0 gives each run a new port; the name is what lets a re-run stop the server it replaces."""
-    start = "server = start_server(app, port=0, name='hello', log_level='warning')\nprint(server.port)"
+def test_a_named_server_is_replaced_when_its_cell_runs_again(kernel):
+    """Port 0 gives each run a new port; the name lets a re-run stop the server it replaces."""
+    start = (
+        "server = start_server(app, port=0, name='hello', log_level='warning')\nprint(server.port)"
+    )
     first_port = int(kernel.run(start))
     kernel.run("first = server")
     second_port = int(kernel.run(start))
@@ -100,7 +115,9 @@ def test_a_port_held_by_another_process_fails_fast_and_clearly(kernel):
         other_program.listen()
         port = other_program.getsockname()[1]
         started = time.monotonic()
-        with pytest.raises(AssertionError, match=f"PortInUse: .*Port {port} on 127.0.0.1 is already in use"):
+        with pytest.raises(
+            AssertionError, match=f"PortInUse: .*Port {port} on 127.0.0.1 is already in use"
+        ):
             kernel.run(f"start_server(app, port={port})")
         assert time.monotonic() - started < 5
 
@@ -118,12 +135,19 @@ def open_sockets():
 
 
 @pytest.mark.slow
-def test_ten_reruns_of_a_serving_cell_leak_no_thread_port_or_socket(kernel):
+def test_ten_reruns_of_a_serving_cell_leak_nothing(kernel):
+    """Ten reruns of a serving cell leak no thread, port or socket."""
     port = free_port()
-    cell = (f"server = start_server(create_app('tiny-qwen2'), port={port}, log_level='warning')\n"
-            "print(requests.post(server.url, json={'prompt': 'hi', 'max_length': 40}).status_code)")
-    # One run first loads what later runs reuse; gc.collect() lets earlier tests' leftovers go (and warn) now.
-    kernel.run(f"import gc, os, threading\nfrom tutorial_api import create_app\n{cell}\nserver.stop()\ngc.collect()")
+    cell = (
+        f"server = start_server(create_app('tiny-qwen2'), port={port}, log_level='warning')\n"
+        "print(requests.post(server.url, json={'prompt': 'hi', 'max_length': 40}).status_code)"
+    )
+    # One run first loads what later runs reuse; gc.collect() lets earlier tests' leftovers go (and
+    # warn) now.
+    kernel.run(
+        "import gc, os, threading\n"
+        f"from tutorial_api import create_app\n{cell}\nserver.stop()\ngc.collect()"
+    )
     kernel.run(OPEN_SOCKETS)
     threads_and_sockets = "print(sorted(t.name for t in threading.enumerate()), open_sockets())"
     before = kernel.run(threads_and_sockets)

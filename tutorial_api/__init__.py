@@ -1,20 +1,29 @@
 """tutorial_api: from FastAPI's hello world to a chat model served from a notebook cell.
 
-The public names are imported on first use, so that `import tutorial_api.hello` (notebook 1) and the client
-start without loading torch and transformers.
+What the notebooks import lives at the top (hello, conversation, client, server, models, exercises);
+the HTTP layer is in `web/`, the kit's own engine in `engine/`, their contract in `backend.py`. A
+request's path:
+
+    POST / or /v1/chat/completions    web/tutorial_routes.py, web/openai_routes.py
+    admission within the limits       web/admission.py, web/limits.py
+    backend.prepare, backend.start    engine/engine.py (the kit's own) or upstream.py (vLLM)
+    the worker's step                 engine/batch.py: schedule, join or prefill, decode, drop
+    next token, its text              engine/sampler.py, engine/generation.py, engine/text_stream.py
+    the answer, streamed or whole     back in the route, as the tutorial's JSON or OpenAI's events
+
+The public names are imported on first use, so that `import tutorial_api.hello` (notebook 1) and
+the client start without loading torch and transformers.
 """
 
 import importlib
-import sys
-import types
 
 _HOMES = {
     "PRESETS": "models",
     "ModelNotAvailable": "models",
     "load_model": "models",
-    "ChatInputError": "chat",
-    "chat": "chat",
-    "create_app": "app",
+    "ChatInputError": "backend",
+    "chat": "conversation",
+    "create_app": "web.app",
     "get_completion": "client",
     "PortInUse": "server",
     "start_server": "server",
@@ -34,16 +43,3 @@ def __getattr__(name):
 
 def __dir__():
     return sorted([*globals(), *__all__])
-
-
-class _Package(types.ModuleType):
-    """the package, keeping `tutorial_api.chat` the function when Python's import of the submodule `chat` would
-    set it to the module."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _HOMES.get(name) == name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

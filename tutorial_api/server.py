@@ -1,4 +1,4 @@
-"""running an app with uvicorn on a background thread, so a notebook cell can start and stop it."""
+"""Run an app with uvicorn on a background thread, so that a notebook cell can start and stop it."""
 
 import errno
 import os
@@ -11,17 +11,17 @@ import uvicorn
 
 from tutorial_api.settings import DEFAULT_HOST, DEFAULT_PORT
 
-# Servers this process started, by name (or by port when unnamed): running a cell again stops the old server first.
+# Servers this process started, by name (else by port): a cell run again stops its old server.
 _running: dict[str | int, "RunningServer"] = {}
 
 
 class PortInUse(OSError):
-    """another process already listens on the port."""
+    """Another process already listens on the port."""
 
 
 @dataclass
 class RunningServer:
-    """a uvicorn server on a daemon thread; `stop()` shuts it down and frees the port."""
+    """A uvicorn server on a daemon thread; `stop()` shuts it down and frees the port."""
 
     url: str
     port: int
@@ -30,6 +30,7 @@ class RunningServer:
     _key: str | int
 
     def stop(self, timeout: float = 10) -> None:
+        """Shut the server down, waiting up to `timeout` seconds, and free its port."""
         self._server.should_exit = True
         self._thread.join(timeout)
         if _running.get(self._key) is self:
@@ -37,22 +38,31 @@ class RunningServer:
 
     @property
     def running(self) -> bool:
+        """Tell whether the server is up and accepting connections."""
         return self._thread.is_alive() and self._server.started
 
 
 def network_address() -> str:
-    """Return this machine's address on its local network, as other machines reach it; 127.0.0.1 without one."""
+    """Return this machine's address as other machines reach it; 127.0.0.1 without a network."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
-            probe.connect(("10.255.255.255", 1))  # picks the interface a packet would leave by; UDP sends nothing
+            # Picks the interface a packet would leave by; UDP sends nothing.
+            probe.connect(("10.255.255.255", 1))
             return probe.getsockname()[0]
         except OSError:
             return "127.0.0.1"
 
 
-def start_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, name: str | None = None,
-                 log_level: str = "info", startup_timeout: float = 300) -> RunningServer:
-    """serve `app` on a daemon thread and return once it accepts connections (port 0 picks a free one).
+def start_server(
+    app,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    name: str | None = None,
+    log_level: str = "info",
+    startup_timeout: float = 300,
+) -> RunningServer:
+    """Serve `app` on a daemon thread; return once it accepts connections (port 0 picks a free one).
 
     Starting again with the same `name` (or, unnamed, the same port) stops the earlier server first.
     """
@@ -62,8 +72,9 @@ def start_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, nam
     listener = bind(host, port)
     port = listener.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True,
-                              name=f"uvicorn-{port}")
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [listener]}, daemon=True, name=f"uvicorn-{port}"
+    )
     thread.start()
     deadline = time.monotonic() + startup_timeout
     while not server.started:
@@ -81,7 +92,7 @@ def start_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, nam
 
 
 def listening(port: int = DEFAULT_PORT, host: str = DEFAULT_HOST) -> bool:
-    """whether some program (this one or another) already accepts connections on the port."""
+    """Tell whether some program (this one or another) already accepts connections on the port."""
     try:
         socket.create_connection((host, port), timeout=1).close()
     except OSError:
@@ -89,12 +100,18 @@ def listening(port: int = DEFAULT_PORT, host: str = DEFAULT_HOST) -> bool:
     return True
 
 
-def bind(host: str, port: int, *, another_port: str = "start_server(app, port={})") -> socket.socket:
-    """a socket bound to the port, so a busy port fails at once, in the caller's thread, with PortInUse; its message
-    suggests `another_port` filled with the next port number, in the caller's own words."""
+def bind(
+    host: str, port: int, *, another_port: str = "start_server(app, port={})"
+) -> socket.socket:
+    """Return a socket bound to the port; raise PortInUse at once, in the caller's thread, if busy.
+
+    PortInUse's message suggests `another_port` filled with the next port number, in the caller's
+    own words.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
-    if os.name == "posix":  # elsewhere (Windows) SO_REUSEADDR would let two servers share one busy port
+    # Not elsewhere: on Windows SO_REUSEADDR would let two servers share one busy port.
+    if os.name == "posix":
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))

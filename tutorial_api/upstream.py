@@ -1,10 +1,12 @@
-"""an OpenAI-compatible server (vLLM, SGLang, another kit) as the kit's engine: the same prepare, start, then text,
-stream or cancel as the kit's own, over one pooled HTTP client for the server's life.
+"""The backend that relays to an OpenAI-compatible server: vLLM, SGLang, another kit.
 
-Every request goes upstream as a stream, whether its client streams or not: its text arrives as it is generated,
-its usage comes in the last chunk, and closing the connection is how the upstream learns a client hung up (vLLM
-aborts a request whose connection closes). A client that streams gets the upstream's own events as they arrive;
-the kit reads only the few it needs.
+It offers what the kit's own engine does (prepare, start, then text, stream or cancel) over one
+pooled HTTP client for the server's life.
+
+Every request goes upstream as a stream, whether its client streams or not: its text arrives as it
+is generated, its usage comes in the last chunk, and closing the connection is how the upstream
+learns a client hung up (vLLM aborts a request whose connection closes). A client that streams gets
+the upstream's own events as they arrive; the kit reads only the few it needs.
 """
 
 import asyncio
@@ -19,37 +21,58 @@ import anyio
 import httpx
 from fastapi.sse import format_sse_event
 
-from tutorial_api.chat import DEFAULT_MAX_LENGTH, ChatInputError, answer_budget
-from tutorial_api.engine import EngineError
-from tutorial_api.generation import StreamedAnswer
+from tutorial_api.backend import (
+    DEFAULT_MAX_LENGTH,
+    BackendError,
+    ChatInputError,
+    FinishReason,
+    RelayedAnswer,
+    RequestStatus,
+    answer_budget,
+)
 
 logger = logging.getLogger(__name__)
 
-# A class of a few hundred students: this many requests in flight to the upstream at once, the rest queue here.
+# A class of a few hundred students: this many requests in flight to the upstream at once, the rest
+# queue here.
 MAX_CONNECTIONS = 256
 # How long /health waits for the upstream's own health.
 _HEALTH_SECONDS = 5.0
-# How long the upstream's health, once checked, answers /health: a monitor or load balancer polling the kit many
-# times a second costs the upstream one check a second, and the kit one request to it.
+# How long the upstream's health, once checked, answers /health: a monitor or load balancer polling
+# the kit many times a second costs the upstream one check a second, and the kit one request to it.
 _HEALTH_FRESH_SECONDS = 1.0
-# Statuses that say an upstream has no such route (POST /tokenize, GET /health are not in every server).
+# Statuses that say an upstream has no such route (POST /tokenize, GET /health are not in every
+# server).
 _ABSENT = (404, 405, 501)
 
 
-class UpstreamError(EngineError):
-    """the upstream's failure as the kit answers it: `status`, a message safe to show, `field` when the upstream
-    named the request's field at fault, `retry_after` passed on from the upstream."""
+class UpstreamError(BackendError):
+    """The upstream's failure as the kit answers it, with the upstream's own HTTP status.
 
-    def __init__(self, status: int, message: str, *, code: str = "upstream_error", field: str = "",
-                 retry_after: str | None = None):
+    `field` names the request's field at fault where the upstream named one; `retry_after` is passed
+    on from the upstream.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str = "upstream_error",
+        field: str = "",
+        retry_after: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.code, self.field, self.retry_after = status, code, field, retry_after
 
 
 @dataclass
 class UpstreamChat:
-    """a conversation checked and ready to send: its token count and answer budget where the upstream can count
-    tokens (None where it cannot), and the OpenAI fields to send."""
+    """A conversation checked and ready to send, with the OpenAI fields to send.
+
+    Its token count and answer budget are there where the upstream can count tokens, None where it
+    cannot.
+    """
 
     messages: list[dict]
     prompt_tokens: int | None
@@ -58,27 +81,43 @@ class UpstreamChat:
 
 
 class Upstream:
-    """the kit's engine when an OpenAI-compatible server generates: one pooled httpx client to `base_url` (ending in
-    /v1); `model` defaults to the first model the upstream lists."""
+    """The backend when an OpenAI-compatible server generates: one pooled client to `base_url`.
 
-    legacy = False
+    `base_url` ends in /v1; `model` defaults to the first model the upstream lists.
+    """
 
-    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
-                 count_prompts: bool = False):
+    uses_model_chat = False
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        count_prompts: bool = False,
+    ):
         self.base_url = base_url.rstrip("/")
         self.model = model
-        self.count_prompts = count_prompts  # count every prompt (for max_prompt_tokens), not only for max_length
+        self.count_prompts = (
+            count_prompts  # count every prompt (for max_prompt_tokens), not only for max_length
+        )
         self._counts_tokens = True  # until the upstream shows it has no /tokenize
         self._live: set[UpstreamGeneration] = set()
-        self._health_check: asyncio.Task | None = None  # the latest, shared by every /health while it is fresh
+        self._health_check: asyncio.Task | None = (
+            None  # the latest, shared by every /health while it is fresh
+        )
         self._health_checked = 0.0  # when it ended, by time.monotonic()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(
-            headers=headers, timeout=httpx.Timeout(None, connect=10.0),  # the kit's request_timeout bounds a request
-            limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS))
+            headers=headers,
+            timeout=httpx.Timeout(None, connect=10.0),  # the kit's request_timeout bounds a request
+            limits=httpx.Limits(
+                max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS
+            ),
+        )
 
     async def open(self) -> str:
-        """learn the model to use, when none was named; returns its name."""
+        """Learn the model to use, when none was named; return its name."""
         if self.model is None:
             listed = await self._call("GET", f"{self.base_url}/models")
             models = [card["id"] for card in listed.json().get("data", [])]
@@ -94,37 +133,48 @@ class Upstream:
 
     @property
     def active(self) -> int:
-        """requests sent upstream and not yet answered in full."""
+        """Count the requests sent upstream and not yet answered in full."""
         return len(self._live)
 
     async def health(self) -> str | None:
-        """why the upstream cannot answer now, or None while it can. Asked at most once a second: calls meanwhile
-        share the check in flight, or the last one's answer."""
+        """Say why the upstream cannot answer now, or return None while it can.
+
+        The upstream is asked at most once a second: calls meanwhile share the check in flight, or
+        the last one's answer.
+        """
         check = self._health_check
-        stale = check is None or (check.done() and time.monotonic() - self._health_checked > _HEALTH_FRESH_SECONDS)
+        stale = check is None or (
+            check.done() and time.monotonic() - self._health_checked > _HEALTH_FRESH_SECONDS
+        )
         if stale:
             check = self._health_check = asyncio.create_task(self._check_health())
-        return await asyncio.shield(check)  # a caller that gives up does not cancel the check the others wait for
+        return await asyncio.shield(
+            check
+        )  # a caller that gives up does not cancel the check the others wait for
 
     async def _check_health(self) -> str | None:
-        """the upstream's /health (at the server's root, as vLLM's), else its model list."""
+        """Ask the upstream's /health (at the server's root, as vLLM's), else its model list."""
         try:
             for url in (f"{self.base_url.removesuffix('/v1')}/health", f"{self.base_url}/models"):
                 try:
                     answer = await self.client.get(url, timeout=_HEALTH_SECONDS)
                 except httpx.HTTPError as error:
-                    return f"The upstream server at {self.base_url} cannot be reached ({type(error).__name__})."
+                    reason = type(error).__name__
+                    return f"The upstream server at {self.base_url} cannot be reached ({reason})."
                 if answer.status_code == 200:
                     return None
                 if answer.status_code not in _ABSENT:
-                    return f"The upstream server at {self.base_url} reports {answer.status_code} on {url}."
+                    status = answer.status_code
+                    return f"The upstream server at {self.base_url} reports {status} on {url}."
             return None
         finally:
             self._health_checked = time.monotonic()
 
     async def count(self, messages: list[dict]) -> tuple[int, int] | None:
-        """the prompt's tokens after the chat template, and the model's context, by the upstream's POST /tokenize
-        (vLLM's, at the server's root); None where the upstream has none."""
+        """Count the prompt's tokens by the upstream's POST /tokenize; None where it has none.
+
+        Return them with the model's context. vLLM's /tokenize is at the server's root.
+        """
         if not self._counts_tokens:
             return None
         url = f"{self.base_url.removesuffix('/v1')}/tokenize"
@@ -134,20 +184,37 @@ class Upstream:
         except UpstreamError as error:
             if error.status not in _ABSENT:
                 raise
-            logger.info("The upstream has no POST /tokenize: max_length and max_prompt_tokens are not checked here")
+            logger.info(
+                "The upstream has no POST /tokenize: max_length and max_prompt_tokens are not "
+                "checked here"
+            )
             self._counts_tokens = False
             return None
         return counted["count"], counted["max_model_len"]
 
-    async def prepare(self, messages, *, max_length=None, max_new_tokens=None, default_max_length=DEFAULT_MAX_LENGTH,
-                      top_logprobs=None, **sampling) -> UpstreamChat:
-        """the chat with its answer budget as `chat.prepare` works it out, where the upstream counts tokens; where
-        it cannot, the answer is held to `max_new_tokens`, else to `max_length` alone. The prompt is counted only
-        where a budget or `count_prompts` needs it."""
+    async def prepare(
+        self,
+        messages,
+        *,
+        max_length=None,
+        max_new_tokens=None,
+        default_max_length=DEFAULT_MAX_LENGTH,
+        top_logprobs=None,
+        **sampling,
+    ) -> UpstreamChat:
+        """Check a chat and work out its answer's budget, as `conversation.prepare` does.
+
+        That needs the upstream to count tokens; where it cannot, the answer is held to
+        `max_new_tokens`, else to `max_length` alone. The prompt is counted only where a budget or
+        `count_prompts` needs it.
+        """
         if top_logprobs is not None:
-            raise ChatInputError("logprobs", "logprobs are not available on this server: it answers through an "
-                                             "upstream server.")
-        # A budget of the whole context needs no count: the upstream keeps its own context, and saves a round trip.
+            raise ChatInputError(
+                "logprobs",
+                "logprobs are not available on this server: it answers through an upstream server.",
+            )
+        # A budget of the whole context needs no count: the upstream keeps its own context, and
+        # saves a round trip.
         whole_context = max_length is None and default_max_length is None
         counted = None if whole_context and not self.count_prompts else await self.count(messages)
         if counted is None:
@@ -157,9 +224,14 @@ class Upstream:
         return UpstreamChat(messages, counted[0], budget, _present(sampling))
 
     async def start(self, chat: UpstreamChat, *, stop=(), label="") -> "UpstreamGeneration":
-        """send the chat upstream and return once it is accepted; raises UpstreamError as the upstream refuses."""
-        body = {"model": self.model, "messages": chat.messages, "stream": True,
-                "stream_options": {"include_usage": True}, **chat.options}
+        """Send the chat upstream; return once it is accepted, raise UpstreamError if refused."""
+        body = {
+            "model": self.model,
+            "messages": chat.messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **chat.options,
+        }
         if chat.max_new_tokens is not None:
             body["max_tokens"] = chat.max_new_tokens
         if stop:
@@ -167,25 +239,32 @@ class Upstream:
         generation = UpstreamGeneration(chat, self, label)
         self._live.add(generation)
         try:
-            response = await self._call("POST", f"{self.base_url}/chat/completions", json=body, stream=True)
+            response = await self._call(
+                "POST", f"{self.base_url}/chat/completions", json=body, stream=True
+            )
         except BaseException:
             self._live.discard(generation)
             raise
         generation.read(response)
         return generation
 
-    def forget(self, generation: "UpstreamGeneration") -> None:
+    def release(self, generation: "UpstreamGeneration") -> None:
         self._live.discard(generation)
 
-    async def _call(self, method: str, url: str, *, stream: bool = False, **options) -> httpx.Response:
-        """the upstream's 200 answer (its body unread when `stream`), or its failure as an UpstreamError."""
+    async def _call(
+        self, method: str, url: str, *, stream: bool = False, **options
+    ) -> httpx.Response:
+        """Return the upstream's 200 answer (body unread if `stream`), else raise UpstreamError."""
         request = self.client.build_request(method, url, **options)
         try:
             response = await self.client.send(request, stream=stream)
         except httpx.HTTPError as error:
-            raise UpstreamError(502, f"The upstream server at {self.base_url} cannot be reached "
-                                     f"({type(error).__name__}); try again when it is back.",
-                                code="upstream_unreachable") from None
+            raise UpstreamError(
+                502,
+                f"The upstream server at {self.base_url} cannot be reached "
+                f"({type(error).__name__}); try again when it is back.",
+                code="upstream_unreachable",
+            ) from None
         if response.status_code != 200:
             await response.aread()
             await response.aclose()
@@ -193,13 +272,15 @@ class Upstream:
         return response
 
 
-class UpstreamGeneration(StreamedAnswer):
-    """one request answered by the upstream: its events as they arrive, read as text (`stream`, `text`) or passed on
-    to a streaming client as they are (`relay`); its usage, and `cancel`, which closes the upstream connection at
-    once so the upstream stops generating.
+class UpstreamGeneration(RelayedAnswer):
+    """One request answered by the upstream, its events read as they arrive.
 
-    Only what the kit needs is parsed (the usage, the finish reason, an error): every other event is bytes the kit
-    never decodes, so the kit in front costs the upstream's clients little."""
+    They are read as text (`stream`, `text`) or passed on to a streaming client as they are
+    (`relay`); `cancel` closes the upstream connection at once, so the upstream stops generating.
+
+    Only what the kit needs is parsed (the usage, the finish reason, an error): every other event is
+    bytes the kit never decodes, so the kit in front costs the upstream's clients little.
+    """
 
     def __init__(self, chat: UpstreamChat, upstream: Upstream, label: str):
         super().__init__(label)
@@ -207,16 +288,18 @@ class UpstreamGeneration(StreamedAnswer):
         self.completion_tokens = 0
         self._upstream = upstream
         self._text_events = 0
+        self._reported_finish: str | None = None  # the upstream's own finish_reason
         self._usage_seen = False
-        self._last_read: dict = {}  # the last event parsed: its id, created and model head a usage chunk made here
-        # An anyio scope, not Task.cancel: httpx finishes closing the connection under anyio's shield, so the
-        # upstream sees it close, and the pool gets its slot back.
+        # The last event parsed: its id, created and model head a usage chunk made here.
+        self._last_read: dict = {}
+        # An anyio scope, not Task.cancel: httpx finishes closing the connection under anyio's
+        # shield, so the upstream sees it close, and the pool gets its slot back.
         self._reading = anyio.CancelScope()
         self._reader: asyncio.Task | None = None
 
     def read(self, response: httpx.Response) -> None:
-        """start reading the upstream's events into this answer's pieces."""
-        self.state = "running"
+        """Start reading the upstream's events into this answer's pieces."""
+        self.status = RequestStatus.RUNNING
         self._reader = asyncio.create_task(self._read(response))
 
     def cancel(self) -> None:
@@ -224,7 +307,7 @@ class UpstreamGeneration(StreamedAnswer):
         self._reading.cancel()
 
     async def stream(self, ping_every: float | None = None):
-        """the answer as text pieces, as they arrive, and None after each `ping_every` seconds without one."""
+        """Yield the answer's text as it arrives, and None after each quiet `ping_every` s."""
         async with aclosing(super().stream(ping_every)) as pieces:
             async for piece in pieces:
                 if piece is None:
@@ -236,21 +319,33 @@ class UpstreamGeneration(StreamedAnswer):
                             yield text
 
     async def relay(self, include_usage: bool, ping_every: float | None = None):
-        """the answer as the upstream's own server-sent events, for a client that streams: None after each
-        `ping_every` seconds without one, the usage only where the client asked for it, then `[DONE]`."""
+        """Yield the upstream's own server-sent events, for a client that streams.
+
+        None comes after each `ping_every` seconds without one, the usage only where the client
+        asked for it, then `[DONE]`.
+        """
         async with aclosing(super().stream(ping_every)) as pieces:
             async for piece in pieces:
-                if isinstance(piece, dict):  # an event that carries the usage, which the kit always asks for
+                if isinstance(
+                    piece, dict
+                ):  # an event that carries the usage, which the kit always asks for
                     if not include_usage:
                         piece = {name: value for name, value in piece.items() if name != "usage"}
                     if not (piece.get("choices") or include_usage):
                         continue
                     piece = _event(piece)
                 yield piece
-        if include_usage and not self._usage_seen:  # an upstream that sent none: the counts the kit made
-            usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                     "total_tokens": self.prompt_tokens + self.completion_tokens}
-            head = {name: self._last_read.get(name) for name in ("id", "object", "created", "model")}
+        if (
+            include_usage and not self._usage_seen
+        ):  # an upstream that sent none: the counts the kit made
+            usage = {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+            }
+            head = {
+                name: self._last_read.get(name) for name in ("id", "object", "created", "model")
+            }
             yield _event({**head, "choices": [], "usage": usage})
         yield format_sse_event(data_str="[DONE]")
 
@@ -264,23 +359,32 @@ class UpstreamGeneration(StreamedAnswer):
                         received = received.replace(b"\r\n", b"\n")
                     complete, end, held = received.rpartition(b"\n\n")
                     if end:
-                        self._take(complete + end)
+                        self._read_events(complete + end)
             if self._reading.cancelled_caught:
-                self._end("cancelled")
+                self._end(FinishReason.CANCELLED)
                 return
-            self._end("stop" if self.finish_reason not in ("stop", "length") else self.finish_reason)
+            reported = self._reported_finish
+            self._end(FinishReason.LENGTH if reported == "length" else FinishReason.STOP)
         except UpstreamError as error:
-            self._end("error", error)
+            self._end(FinishReason.ERROR, error)
         except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as error:
-            logger.warning("The upstream's answer to request %s broke off: %r", self.label or "-", error)
-            self._end("error", UpstreamError(502, "The upstream server's answer broke off; try again."))
+            logger.warning(
+                "The upstream's answer to request %s broke off: %r", self.label or "-", error
+            )
+            broke_off = UpstreamError(502, "The upstream server's answer broke off; try again.")
+            self._end(FinishReason.ERROR, broke_off)
         finally:
-            await response.aclose()  # an answer left unread closes its connection: the upstream aborts the request
+            # An answer left unread closes its connection: the upstream aborts the request.
+            await response.aclose()
 
-    def _take(self, events: bytes) -> None:
-        """queue complete events as they came, after reading the few the kit needs: the usage (queued parsed, for
-        `relay` to keep or drop), the finish reason, `[DONE]` (sent by `relay` itself) and an error (raised)."""
-        # Without the upstream's usage, the text events are the count: most servers stream one token an event.
+    def _read_events(self, events: bytes) -> None:
+        """Queue complete events as they came, after reading the few the kit needs.
+
+        Those are the usage (queued parsed, for `relay` to keep or drop), the finish reason,
+        `[DONE]` (which `relay` sends itself) and an error (raised).
+        """
+        # Without the upstream's usage, the text events are the count: most servers stream one token
+        # an event.
         self._text_events += len(_TEXT.findall(events))
         if not _NEEDED.search(events):
             self._pass(events)
@@ -306,55 +410,68 @@ class UpstreamGeneration(StreamedAnswer):
             self._pieces.put_nowait(piece)  # this loop's own queue: no thread to wake
 
     def _note(self, event: dict) -> None:
-        """what the kit keeps of an event it parsed: the usage and the finish reason; an error is raised."""
+        """Keep the usage and finish reason of a parsed event; raise the error it reports."""
         if "error" in event:
             raise _failure(None, event, status=502)
         self._last_read = event
         if usage := event.get("usage"):
-            self.prompt_tokens, self.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+            self.prompt_tokens, self.completion_tokens = (
+                usage["prompt_tokens"],
+                usage["completion_tokens"],
+            )
             self._usage_seen = True
         for choice in event.get("choices") or []:
-            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            self._reported_finish = choice.get("finish_reason") or self._reported_finish
 
-    def _end(self, reason: str, error: Exception | None = None) -> None:
-        self.state, self.finish_reason = "done", reason
+    def _end(self, reason: FinishReason, error: Exception | None = None) -> None:
+        self.status, self.finish_reason = RequestStatus.DONE, reason
         self.completion_tokens = self.completion_tokens or self._text_events
-        self._upstream.forget(self)
+        self._upstream.release(self)
         if error is None:
             self._end_stream()
         else:
             self._send(error)
 
 
-# What the kit reads in an upstream's events: keys JSON never writes unquoted inside a string, so text that only
-# mentions them does not match. An event without them passes on unread.
+# What the kit reads in an upstream's events: keys JSON never writes unquoted inside a string, so
+# text that only mentions them does not match. An event without them passes on unread.
 _NEEDED = re.compile(rb'"(?:error|prompt_tokens)"\s*:|"finish_reason"\s*:\s*"|\[DONE\]')
 _TEXT = re.compile(rb'"content"\s*:\s*"[^"]')
 
 
 def _data(event: bytes) -> str:
-    """the data of one server-sent event (its `data:` lines), as text."""
-    return "\n".join(line[5:].decode().strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+    """Return the data of one server-sent event (its `data:` lines), as text."""
+    return "\n".join(
+        line[5:].decode().strip() for line in event.split(b"\n") if line.startswith(b"data:")
+    )
 
 
 def _parsed(events: bytes) -> list[dict]:
-    """the JSON events among complete server-sent events."""
-    return [json.loads(data) for event in events.split(b"\n\n") if (data := _data(event)) and data != "[DONE]"]
+    """Return the JSON events among complete server-sent events."""
+    return [
+        json.loads(data)
+        for event in events.split(b"\n\n")
+        if (data := _data(event)) and data != "[DONE]"
+    ]
 
 
 def _event(chunk: dict) -> bytes:
-    """one chunk as a server-sent event, written as the kit's own streams write theirs."""
+    """Return a chunk as a server-sent event, written as the kit's own streams write theirs."""
     return format_sse_event(data_str=json.dumps(chunk, ensure_ascii=False))
 
 
 def _present(options: dict) -> dict:
-    """the sampling fields the client set, to send as they are."""
+    """Return the sampling fields the client set, to send as they are."""
     return {name: value for name, value in options.items() if value is not None}
 
 
-def _failure(response: httpx.Response | None, body: dict | None = None, *, status: int | None = None) -> UpstreamError:
-    """an upstream's error answer, or an error event in its stream, as the kit passes it on: a 4xx with the
-    upstream's own message, 503 with its Retry-After, anything else as 502."""
+def _failure(
+    response: httpx.Response | None, body: dict | None = None, *, status: int | None = None
+) -> UpstreamError:
+    """Return an upstream's error answer, or an error event in its stream, as an UpstreamError.
+
+    A 4xx keeps the upstream's own message, a 503 its Retry-After; anything else becomes a 502.
+    """
     if body is None:
         try:
             body = response.json()
@@ -364,12 +481,22 @@ def _failure(response: httpx.Response | None, body: dict | None = None, *, statu
     message = str(detail.get("message") or detail.get("detail") or body)
     status = status or response.status_code
     if status in (401, 403):
-        return UpstreamError(502, "The upstream server refused this server's key: check --upstream-api-key.")
+        return UpstreamError(
+            502, "The upstream server refused this server's key: check --upstream-api-key."
+        )
     if status == 503:
-        return UpstreamError(503, f"The upstream server is busy: {message}", code="server_busy",
-                             retry_after=response.headers.get("Retry-After"))
+        return UpstreamError(
+            503,
+            f"The upstream server is busy: {message}",
+            code="server_busy",
+            retry_after=response.headers.get("Retry-After"),
+        )
     if 400 <= status < 500:
-        return UpstreamError(status, message, code=str(detail.get("code") or "upstream_error"),
-                             field=str(detail.get("param") or detail.get("field") or ""),
-                             retry_after=response.headers.get("Retry-After"))
+        return UpstreamError(
+            status,
+            message,
+            code=str(detail.get("code") or "upstream_error"),
+            field=str(detail.get("param") or detail.get("field") or ""),
+            retry_after=response.headers.get("Retry-After"),
+        )
     return UpstreamError(502, f"The upstream server failed ({status}): {message}")

@@ -1,0 +1,106 @@
+"""API keys: which callers may use the API.
+
+A key is checked in constant time, and known in the log by its name, never by the key itself.
+"""
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from tutorial_api.web.errors import Refusal
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="APIKey",
+    description="an API key, sent as `Authorization: Bearer KEY`",
+)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A caller's key, and the name the log knows it by; `repr` never shows the secret."""
+
+    name: str
+    secret: str = field(repr=False)
+
+
+def parse_keys(entries) -> list[ApiKey]:
+    """Parse `KEY` or `NAME:KEY` entries; an unnamed key is called key1, key2... by its place."""
+    keys = []
+    for place, entry in enumerate(entries, start=1):
+        name, colon, secret = entry.partition(":")
+        if not colon:
+            name, secret = "", name
+        name, secret = name.strip() or f"key{place}", secret.strip()
+        if not secret:
+            raise ValueError(f"API key number {place} ({name}) is empty.")
+        keys.append(ApiKey(name, secret))
+    return keys
+
+
+def read_key_file(path) -> list[str]:
+    """Return a key file's entries, one `KEY` or `NAME:KEY` a line; skip blanks and `#` comments."""
+    with open(path, encoding="utf-8") as key_file:
+        lines = [line.strip() for line in key_file]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def keys_from(settings) -> list[ApiKey]:
+    """Return the keys of `settings`: its api_keys, then its key file's.
+
+    One string in api_keys is one key, not one key a character.
+    """
+    given = [settings.api_keys] if isinstance(settings.api_keys, str) else list(settings.api_keys)
+    from_file = read_key_file(settings.api_key_file) if settings.api_key_file else []
+    return parse_keys([*given, *from_file])
+
+
+def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
+    """Return the key matching `presented`, or None, taking the same time whichever it is.
+
+    Every key is compared, by SHA-256 digests in constant time, so the time taken reveals neither a
+    key nor its length.
+    """
+    presented_digest = _digest(presented)
+    found = None
+    for key in keys:
+        if hmac.compare_digest(_digest(key.secret), presented_digest):
+            found = key
+    return found
+
+
+def _digest(text: str) -> bytes:
+    """Return the SHA-256 digest of `text`: the same length whatever the text's."""
+    return hashlib.sha256(text.encode()).digest()
+
+
+async def require_key(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> str:
+    """Return the caller's key name, kept for the log; refuse a missing or unknown key with 401."""
+    if credentials is None:
+        raise _unauthorized(
+            "This server needs an API key: send it as the header 'Authorization: Bearer YOUR_KEY'."
+        )
+    key = find_key(request.app.state.keys, credentials.credentials)
+    if key is None:
+        raise _unauthorized(
+            "This API key is not valid: check it for typos, or ask whoever runs the server for one."
+        )
+    request.state.key_name = key.name
+    return key.name
+
+
+def _unauthorized(message: str) -> Refusal:
+    """Return a 401 refusal that names the Authorization header and asks for a Bearer key."""
+    return Refusal(
+        401,
+        message,
+        field="Authorization",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
