@@ -236,9 +236,11 @@ def test_a_hang_up_frees_the_upstreams_slot_without_streaming(front, upstream, l
 
 
 def test_an_upstream_that_stops_gives_502_and_health_503(kits, tiny):
-    """An upstream that stops gives 502 in each API's shape, and /health 503."""
+    """An upstream that stops gives 502 in each API's shape, and /health 503, never its URL."""
     upstream = kits(tiny)
-    front = kits(upstream=f"{upstream.url}/v1")
+    # A base URL may carry a user and password: callers see neither, nor where it is.
+    host = upstream.url.removeprefix("http://")
+    front = kits(upstream=f"http://teacher:s3cret@{host}/v1")
     assert (
         requests.post(f"{front.url}/", json={"prompt": "Hello", "max_length": 40}).status_code
         == 200
@@ -253,7 +255,9 @@ def test_an_upstream_that_stops_gives_502_and_health_503(kits, tiny):
     )
     health = requests.get(f"{front.url}/health")
     assert health.status_code == 503 and health.json()["status"] == "unavailable"
-    assert upstream.url.removeprefix("http://") in health.json()["reason"]
+    assert "cannot be reached" in health.json()["reason"]
+    for answer in (tutorial, openai_shape, health):
+        assert "s3cret" not in answer.text and host not in answer.text
     front.server.stop()
     assert front.engine.client.is_closed  # the one pooled client lives as long as the server
 
@@ -424,6 +428,42 @@ def test_events_split_across_reads_are_passed_on_whole():
             generation.completion_tokens,
             generation.finish_reason,
         ) == (3, 2, "stop")
+
+
+@pytest.mark.parametrize(
+    ("ending", "finish_reason"),
+    [
+        ({"finish_reason": "stop"}, "stop"),
+        ({"finish_reason": "length"}, "length"),
+        ({"finish_reason": "abort"}, "error"),
+        ({"finish_reason": "content_filter"}, "error"),
+        ({"finish_reason": None}, "error"),
+    ],
+    ids=["stop", "length", "abort", "unknown", "missing"],
+)
+def test_only_stop_and_length_from_upstream_end_an_answer_whole(ending, finish_reason):
+    """An upstream's abort, unknown or missing finish reason ends the answer with an error."""
+    events = [
+        {"choices": [{"delta": {"content": "你好"}, "finish_reason": None}]},
+        {"choices": [{"delta": {}, **ending}]},
+    ]
+    sent = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
+
+    async def answered():
+        upstream = Upstream("http://upstream.test/v1", model="m")
+        upstream.client = httpx.AsyncClient(
+            transport=httpx.MockTransport(lambda request: httpx.Response(200, text=sent))
+        )
+        async with upstream.client:
+            generation = await upstream.start(UpstreamChat(HELLO, None, None))
+            try:
+                return await generation.text(), generation.finish_reason
+            except upstream_module.UpstreamError as error:
+                return str(error), generation.finish_reason
+
+    text, reported = asyncio.run(answered())
+    assert reported == finish_reason
+    assert text == "你好" if finish_reason != "error" else "try again" in text
 
 
 # transformers' own OpenAI-compatible server, on the tiny model saved to a folder.

@@ -219,6 +219,12 @@ class Backend(Protocol):
         """Check a conversation and work out its answer's budget; raise ChatInputError if not."""
         ...
 
-    async def start(self, prepared: PreparedChat, *, stop=(), label="") -> Answer:
-        """Start generating; raise BackendBusy when full, BackendStopped once stopped."""
+    async def start(
+        self, prepared: PreparedChat, *, stop=(), label="", cache_scope: str | None = None
+    ) -> Answer:
+        """Start generating; raise BackendBusy when full, BackendStopped once stopped.
+
+        Cached prompts are reused and left only within `cache_scope` (an API key's name); None
+        shares them.
+        """
         ...

@@ -83,7 +83,8 @@ class UpstreamChat:
 class Upstream:
     """The backend when an OpenAI-compatible server generates: one pooled client to `base_url`.
 
-    `base_url` ends in /v1; `model` defaults to the first model the upstream lists.
+    `base_url` ends in /v1; `model` defaults to the first model the upstream lists. Callers never
+    see it (it may hold a user and password): only the server's log names it, without those.
     """
 
     uses_model_chat = False
@@ -97,6 +98,8 @@ class Upstream:
         count_prompts: bool = False,
     ):
         self.base_url = base_url.rstrip("/")
+        # for the server's log: the base URL without a user and password
+        self.logged_url = str(httpx.URL(self.base_url).copy_with(userinfo=b""))
         self.model = model
         self.count_prompts = (
             count_prompts  # count every prompt (for max_prompt_tokens), not only for max_length
@@ -122,7 +125,9 @@ class Upstream:
             listed = await self._call("GET", f"{self.base_url}/models")
             models = [card["id"] for card in listed.json().get("data", [])]
             if not models:
-                raise UpstreamError(502, f"The upstream server at {self.base_url} lists no model.")
+                raise UpstreamError(
+                    502, f"The upstream server at {self.logged_url} lists no model."
+                )
             self.model = models[0]
         return self.model
 
@@ -155,17 +160,18 @@ class Upstream:
     async def _check_health(self) -> str | None:
         """Ask the upstream's /health (at the server's root, as vLLM's), else its model list."""
         try:
-            for url in (f"{self.base_url.removesuffix('/v1')}/health", f"{self.base_url}/models"):
+            root = self.base_url.removesuffix("/v1")
+            for url in (f"{root}/health", f"{self.base_url}/models"):
                 try:
                     answer = await self.client.get(url, timeout=_HEALTH_SECONDS)
                 except httpx.HTTPError as error:
                     reason = type(error).__name__
-                    return f"The upstream server at {self.base_url} cannot be reached ({reason})."
+                    return f"The upstream server cannot be reached ({reason})."
                 if answer.status_code == 200:
                     return None
                 if answer.status_code not in _ABSENT:
-                    status = answer.status_code
-                    return f"The upstream server at {self.base_url} reports {status} on {url}."
+                    path = url.removeprefix(root)
+                    return f"The upstream server reports {answer.status_code} on {path}."
             return None
         finally:
             self._health_checked = time.monotonic()
@@ -223,8 +229,13 @@ class Upstream:
         budget = answer_budget(*counted, max_length, max_new_tokens, default_max_length)
         return UpstreamChat(messages, counted[0], budget, _present(sampling))
 
-    async def start(self, chat: UpstreamChat, *, stop=(), label="") -> "UpstreamGeneration":
-        """Send the chat upstream; return once it is accepted, raise UpstreamError if refused."""
+    async def start(
+        self, chat: UpstreamChat, *, stop=(), label="", cache_scope=None
+    ) -> "UpstreamGeneration":
+        """Send the chat upstream; return once it is accepted, raise UpstreamError if refused.
+
+        `cache_scope` is not sent: the upstream keeps its own cache.
+        """
         body = {
             "model": self.model,
             "messages": chat.messages,
@@ -259,10 +270,13 @@ class Upstream:
         try:
             response = await self.client.send(request, stream=stream)
         except httpx.HTTPError as error:
+            logger.warning(
+                "The upstream server at %s cannot be reached: %r", self.logged_url, error
+            )
             raise UpstreamError(
                 502,
-                f"The upstream server at {self.base_url} cannot be reached "
-                f"({type(error).__name__}); try again when it is back.",
+                f"The upstream server cannot be reached ({type(error).__name__}); "
+                "try again when it is back.",
                 code="upstream_unreachable",
             ) from None
         if response.status_code != 200:
@@ -363,8 +377,7 @@ class UpstreamGeneration(RelayedAnswer):
             if self._reading.cancelled_caught:
                 self._end(FinishReason.CANCELLED)
                 return
-            reported = self._reported_finish
-            self._end(FinishReason.LENGTH if reported == "length" else FinishReason.STOP)
+            self._end_as_reported()
         except UpstreamError as error:
             self._end(FinishReason.ERROR, error)
         except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -423,6 +436,25 @@ class UpstreamGeneration(RelayedAnswer):
         for choice in event.get("choices") or []:
             self._reported_finish = choice.get("finish_reason") or self._reported_finish
 
+    def _end_as_reported(self) -> None:
+        """End as the upstream's finish reason says; any but `stop` and `length` is an error.
+
+        vLLM's `abort`, a reason the kit does not know, or none at all: the answer may be cut short,
+        and the client hears so instead of an answer that looks whole.
+        """
+        reported = self._reported_finish
+        if reported in _FINISH_REASONS:
+            self._end(_FINISH_REASONS[reported])
+            return
+        logger.warning(
+            "The upstream's answer to request %s ended with finish_reason %r",
+            self.label or "-",
+            reported,
+        )
+        said = "without a finish reason" if reported is None else f"with finish_reason {reported!r}"
+        ended = UpstreamError(502, f"The upstream server ended the answer {said}; try again.")
+        self._end(FinishReason.ERROR, ended)
+
     def _end(self, reason: FinishReason, error: Exception | None = None) -> None:
         self.status, self.finish_reason = RequestStatus.DONE, reason
         self.completion_tokens = self.completion_tokens or self._text_events
@@ -432,6 +464,9 @@ class UpstreamGeneration(RelayedAnswer):
         else:
             self._send(error)
 
+
+# The upstream finish reasons that end an answer whole, as the kit reports them.
+_FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 
 # What the kit reads in an upstream's events: keys JSON never writes unquoted inside a string, so
 # text that only mentions them does not match. An event without them passes on unread.

@@ -3,9 +3,11 @@ on.
 """
 
 import asyncio
+import threading
 
 import pytest
 
+from tutorial_api import chat
 from tutorial_api.backend import BackendError, BackendStopped
 
 
@@ -117,3 +119,96 @@ def test_health_is_lost_after_failed_steps_and_back_later(tiny, faulty, run_engi
 
     lost, back = run_engine((model, tiny[1]), scenario)
     assert "3 generation steps failed" in lost and back is None
+
+
+class NaNLogits:
+    """A model like the one it wraps, but with NaN logits in the rows `poison` names for a call."""
+
+    def __init__(self, model, poison):
+        self._model, self._poison = model, poison
+
+    def __call__(self, input_ids, **kwargs):
+        output = self._model(input_ids=input_ids, **kwargs)
+        for row in self._poison(input_ids, kwargs["position_ids"]):
+            output.logits[row] = float("nan")
+        return output
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_nan_logits_at_prefill_fail_that_row_alone(tiny, prompts, run_engine, first_piece):
+    """A newcomer whose logits are NaN fails alone; the running row answers as if alone."""
+    prefills = []
+
+    def second_prefill(input_ids, positions):
+        prefills.append(input_ids.shape[1] > 1)
+        return [0] if prefills.count(True) == 2 and prefills[-1] else []
+
+    async def scenario(engine, submit):
+        running = await submit(prompts[1], max_new_tokens=20, temperature=0)
+        await first_piece(running)
+        broken = await submit(prompts[2], max_new_tokens=20, temperature=1.0)
+        with pytest.raises(BackendError) as failure:
+            await asyncio.wait_for(broken.text(), 20)
+        return await running.text(), str(failure.value), engine.unavailable_reason
+
+    answer, message, reason = run_engine((NaNLogits(tiny[0], second_prefill), tiny[1]), scenario)
+    assert answer.strip() == chat(*tiny, prompts[1], max_new_tokens=20, temperature=0)[0]
+    assert "NaN" in message and reason is None
+
+
+def test_nan_logits_while_decoding_fail_that_row_alone(tiny, prompts, run_engine, first_piece):
+    """A row whose logits turn NaN mid-answer fails alone, and its keys are not cached."""
+    armed, poisoned = threading.Event(), []
+
+    def longest_row_once(input_ids, positions):
+        if not armed.is_set() or poisoned or input_ids.shape != (2, 1):
+            return []
+        poisoned.append(int(positions[:, -1].argmax()))
+        return poisoned
+
+    async def scenario(engine, submit):
+        broken = await submit(prompts[5], max_new_tokens=40, temperature=1.0)
+        healthy = await submit(prompts[0], max_new_tokens=20, temperature=0)
+        await first_piece(broken)
+        await first_piece(healthy)
+        armed.set()
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(broken.text(), healthy.text(), return_exceptions=True), 20
+        )
+        return outcomes, engine.prefixes.longest(broken.prompt_ids)[0]
+
+    model = NaNLogits(tiny[0], longest_row_once)
+    (failure, answer), cached = run_engine((model, tiny[1]), scenario)
+    assert isinstance(failure, BackendError) and "NaN" in str(failure)
+    assert answer.strip() == chat(*tiny, prompts[0], max_new_tokens=20, temperature=0)[0]
+    assert cached == 0
+
+
+def test_a_failed_prefill_after_a_join_leaves_no_finished_row(
+    tiny, faulty, prompts, run_engine, first_piece
+):
+    """A row that joins and finishes in the step whose prefill then fails never decodes again."""
+    armed = threading.Event()
+    model = faulty(fails=lambda call, input_ids: armed.is_set() and input_ids.shape[1] > 1)
+
+    async def scenario(engine, submit):
+        cached = await submit(prompts[1], max_new_tokens=3, temperature=0)
+        await cached.text()
+        running = await submit(prompts[0], max_new_tokens=30, temperature=0)
+        await first_piece(running)
+        model.gate = threading.Event()
+        await asyncio.to_thread(model.entered.wait)  # the worker is in a step
+        # cached but its last token: it joins, and its one token ends it in the join's step
+        joined = await submit(prompts[1], max_new_tokens=1, temperature=0)
+        failing = await submit(prompts[2], max_new_tokens=5, temperature=0)
+        armed.set()
+        model.gate.set()
+        with pytest.raises(BackendError):
+            await failing.text()
+        await joined.text()
+        await running.text()
+        return joined.completion_tokens, joined.finish_reason, running.finish_reason
+
+    assert run_engine((model, tiny[1]), scenario) == (1, "length", "length")

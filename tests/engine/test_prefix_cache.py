@@ -61,3 +61,15 @@ def test_a_cache_without_room_keeps_nothing():
     cache = PrefixCache(0)
     cache.store((1, 2, 3), states([1, 2, 3]))
     assert cache.bytes == 0 and cache.longest([1, 2, 3, 4]) == (0, None)
+
+
+def test_each_scope_finds_and_replaces_only_its_own_entries():
+    """A scope finds only its own entries, and storing a longer one replaces only its own."""
+    cache = PrefixCache(2**20)
+    cache.store((1, 2, 3), states([1, 2, 3]), "alice")
+    assert cache.longest([1, 2, 3, 4], "alice")[0] == 3
+    assert cache.longest([1, 2, 3, 4], "bob") == (0, None)
+    assert cache.longest([1, 2, 3, 4]) == (0, None)  # no key: the shared entries only
+    cache.store((1, 2, 3, 4), states([1, 2, 3, 4]), "bob")
+    assert cache.longest([1, 2, 3, 9], "alice")[0] == 3
+    assert cache.bytes == size([1, 2, 3]) + size([1, 2, 3, 4])

@@ -1,3 +1,6 @@
+import sys
+
+from tutorial_api.engine import text_stream as text_stream_module
 from tutorial_api.engine.text_stream import TextStream
 
 
@@ -43,3 +46,43 @@ def test_the_earliest_stop_string_wins(tiny):
     pieces, stopped = stream(tokenizer, "Hello World", stop=["World", "lo W"])
     assert stopped
     assert "".join(pieces) == "Hel"
+
+
+def test_a_stop_string_that_spans_tokens_and_repeats_itself(tiny):
+    """A stop string that repeats its own start is still found where it ends first."""
+    _, tokenizer = tiny
+    pieces, stopped = stream(tokenizer, "ababac abababc and more", stop=["ababc"])
+    assert stopped
+    assert "".join(pieces) == "ababac ab"
+
+
+def test_hostile_stop_strings_cost_a_few_steps_a_character(tiny):
+    """The issue's stop strings (4 of 250,000 characters) cost steps per character, not per length.
+
+    The steps are the Python lines text_stream.py runs while tokens are added; past the bound the
+    count stops the test at once.
+    """
+    _, tokenizer = tiny
+    text = "x" * 300 + " and then the answer goes on"
+    text_stream = TextStream(tokenizer, ["x" * 250_000] * 4)
+    bound = 30 * len(text)
+    steps = 0
+
+    def count(frame, event, arg):
+        nonlocal steps
+        if frame.f_code.co_filename != text_stream_module.__file__:
+            return None
+        steps += event == "line"
+        if steps > bound:
+            raise AssertionError(f"more than {bound} steps for {len(text)} characters")
+        return count
+
+    pieces = []
+    sys.settrace(count)
+    try:
+        for token in tokenizer(text, add_special_tokens=False).input_ids:
+            pieces.append(text_stream.add(token)[0])
+    finally:
+        sys.settrace(None)
+    assert "".join(pieces) == text
+    assert steps > 0, "the count must see the stream's own lines"

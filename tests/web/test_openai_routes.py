@@ -78,6 +78,27 @@ def test_usage_counts_the_reused_prompt_tokens(serve, prefix_cache_mb):
     assert again.choices[0].message.content == first.choices[0].message.content
 
 
+def test_a_key_never_reuses_or_learns_another_keys_cache(serve):
+    """A key reuses its own cached conversation, never another key's, nor learns its length."""
+    url = f"{serve(api_keys=['alice:a-secret', 'bob:b-secret']).url}/v1"
+    alice, bob = (
+        openai.OpenAI(base_url=url, api_key=key, max_retries=0) for key in ("a-secret", "b-secret")
+    )
+    asked = alice.chat.completions.create(model="m", messages=MESSAGES, max_tokens=8, temperature=0)
+    # Alice's question and answer, as another student would guess them, and a new question.
+    guess = [
+        *MESSAGES,
+        {"role": "assistant", "content": asked.choices[0].message.content},
+        {"role": "user", "content": "再讲一个"},
+    ]
+    probe, again = (
+        client.chat.completions.create(model="m", messages=guess, max_tokens=2, temperature=0)
+        for client in (bob, alice)
+    )
+    assert probe.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+
+
 def test_max_completion_tokens_is_the_newer_name(client):
     completion = client.chat.completions.create(
         model="m", messages=MESSAGES, max_completion_tokens=4, temperature=0
@@ -152,6 +173,7 @@ BAD_REQUESTS = {
     "max-tokens-zero": ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
     "several-answers": ({"messages": MESSAGES, "n": 2}, "n"),
     "five-stop-strings": ({"messages": MESSAGES, "stop": list("abcde")}, "stop"),
+    "long-stop-strings": ({"messages": MESSAGES, "stop": ["x" * 200_000] * 4}, "stop"),
     "negative-seed": ({"messages": MESSAGES, "seed": -1}, "seed"),
     "temperature-as-bool": ({"messages": MESSAGES, "temperature": False}, "temperature"),
     "longer-than-context": (
@@ -374,3 +396,16 @@ def test_a_stream_failing_midway_ends_with_a_safe_error_event(tiny, faulty, capl
     error = json.loads(events[-1])["error"]
     assert error["type"] == "server_error" and error["message"] and "secret" not in events[-1]
     assert "injected fault: secret" in caplog.text  # the cause is in the server's log
+
+
+def test_v1_answers_and_errors_say_their_json_is_utf8(tiny_server):
+    """/v1's answers and errors name charset=utf-8, as Windows PowerShell 5.1 needs."""
+    url = f"{tiny_server.url}/v1"
+    answers = [
+        requests.post(f"{url}/chat/completions", json={"messages": MESSAGES, "max_tokens": 2}),
+        requests.post(f"{url}/chat/completions", json={"messages": []}),
+        requests.get(f"{url}/models"),
+    ]
+    assert [answer.status_code for answer in answers] == [200, 400, 200]
+    for answer in answers:
+        assert answer.headers["content-type"] == "application/json; charset=utf-8"

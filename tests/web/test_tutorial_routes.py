@@ -4,6 +4,7 @@ import logging
 import re
 
 import pytest
+import requests
 from fastapi.testclient import TestClient
 
 from tutorial_api import create_app
@@ -63,3 +64,12 @@ def test_the_default_budget_is_512_tokens_and_a_setting(tiny, caplog):
     assert app.state.settings.answer_tokens == 512
     with TestClient(create_app(tiny, answer_tokens=3)) as small:
         assert tokens_of(small, caplog, {"prompt": "Tell me a story"})[1] == 3
+
+
+def test_answers_and_refusals_say_their_json_is_utf8(tiny_server):
+    """Answers and refusals name charset=utf-8: Windows PowerShell 5.1 garbles Chinese without."""
+    answered = requests.post(tiny_server.url, json={"prompt": "你好", "max_length": 40})
+    refused = requests.post(tiny_server.url, json={"prompt": " "})
+    assert (answered.status_code, refused.status_code) == (200, 422)
+    for answer in (answered, refused):
+        assert answer.headers["content-type"] == "application/json; charset=utf-8"

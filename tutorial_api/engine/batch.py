@@ -5,15 +5,19 @@ padding, and positions count only a row's real tokens. Newcomers join between st
 leave.
 """
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from tutorial_api.backend import FinishReason, RequestStatus
+from tutorial_api.backend import BackendError, FinishReason, RequestStatus
 from tutorial_api.engine.decode_step import decode_step_for
 from tutorial_api.engine.generation import Generation
 from tutorial_api.engine.prefix_cache import PrefixCache
 from tutorial_api.engine.sampler import sample, token_logprobs
+
+logger = logging.getLogger(__name__)
 
 
 class PrefillFailed(RuntimeError):
@@ -71,8 +75,7 @@ class Batch:
             self.mask.sum(-1, keepdim=True) - 1
         )  # [rows, 1]: real tokens before each row's new one
         logits = self._decode_step(input_ids, self.mask, positions, self.cache)  # [rows, vocab]
-        self.next_tokens = self._sample(logits, self.rows)
-        self._deliver(logits, self.rows, self.next_tokens)
+        self.next_tokens = self._next_tokens(logits, self.rows)
 
     def drop_finished(self) -> None:
         """Remove finished and cancelled rows, and the cache columns no remaining row attends to.
@@ -86,7 +89,9 @@ class Batch:
         if len(keep) == len(self.rows):
             return
         for row, generation in enumerate(self.rows):
-            if generation.status == RequestStatus.DONE:
+            # A failed row's keys and values may be what broke it: never reused.
+            failed = generation.finish_reason == FinishReason.ERROR
+            if generation.status == RequestStatus.DONE and not failed:
                 self._remember(row, generation)
         self.rows = [self.rows[row] for row in keep]
         self.next_tokens = [self.next_tokens[row] for row in keep]
@@ -155,8 +160,7 @@ class Batch:
         logits = output.logits[:, -1]  # [newcomers, vocab]
         for generation in newcomers:
             generation.status = RequestStatus.RUNNING
-        first_tokens = self._sample(logits, newcomers)
-        self._deliver(logits, newcomers, first_tokens)
+        first_tokens = self._next_tokens(logits, newcomers)
         if self.rows and decode_running_rows:
             self.decode()
         self._add(newcomers, cache, mask, first_tokens)
@@ -174,6 +178,37 @@ class Batch:
         self.cache, self.mask = cache, mask
         self.rows += newcomers
         self.next_tokens += next_tokens
+
+    def _next_tokens(self, logits: torch.Tensor, rows: list[Generation]) -> list[int]:
+        """Choose each row's next token and hand it over; a row whose logits broke fails alone.
+
+        A failed row's token is a placeholder, never fed back: the row leaves at the step's end.
+        """
+        # logits: [rows, vocab]; a row's max is finite unless it holds NaN, +inf or nothing finite
+        finite = torch.isfinite(logits.amax(-1)).tolist()
+        if all(finite):
+            tokens = self._sample(logits, rows)
+            self._deliver(logits, rows, tokens)
+            return tokens
+        for generation in (g for g, ok in zip(rows, finite, strict=True) if not ok):
+            logger.error("Request %s: the model's logits are not finite", generation.label or "-")
+            generation.finish(
+                FinishReason.ERROR,
+                BackendError(
+                    "The model computed no usable scores for this answer's next token (NaN or "
+                    "infinity), so it was stopped; the server's log names the request."
+                ),
+            )
+        healthy = [row for row, ok in enumerate(finite) if ok]
+        tokens = [0] * len(rows)
+        if healthy:
+            index = torch.tensor(healthy, device=logits.device)
+            healthy_rows = [rows[row] for row in healthy]
+            chosen = self._sample(logits[index], healthy_rows)
+            self._deliver(logits[index], healthy_rows, chosen)
+            for row, token in zip(healthy, chosen, strict=True):
+                tokens[row] = token
+        return tokens
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: list[Generation]) -> list[int]:
@@ -198,7 +233,7 @@ class Batch:
             (layer.keys[row : row + 1, :, columns], layer.values[row : row + 1, :, columns])
             for layer in self.cache.layers
         ]
-        self.prefixes.store(tokens, states)
+        self.prefixes.store(tokens, states, generation.cache_scope)
 
 
 def _left_padded(newcomers: list[Generation], prefixes: list, past: int) -> list:

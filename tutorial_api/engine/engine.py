@@ -137,13 +137,20 @@ class Engine:
             prepare, self.model, self.tokenizer, messages, **budget_and_sampling
         )
 
-    async def start(self, prepared, *, stop=(), label="") -> Generation:
+    async def start(self, prepared, *, stop=(), label="", cache_scope=None) -> Generation:
         """Queue a prepared chat; raise BackendBusy when full, BackendStopped once stopped.
 
-        `label` names the request in the server's log.
+        `label` names the request in the server's log. It reuses and leaves cached keys and values
+        within `cache_scope` only (an API key's name; None shares them with every None).
         """
         generation = Generation(
-            prepared, self.tokenizer, self._eos_ids, self, stop=stop, label=label
+            prepared,
+            self.tokenizer,
+            self._eos_ids,
+            self,
+            stop=stop,
+            label=label,
+            cache_scope=cache_scope,
         )
         with self._wakeup:
             if self._closing or self._stopped:
@@ -237,7 +244,9 @@ class Engine:
             newcomers, prefixes, width = [], [], 0
             while self._waiting and len(newcomers) < room:
                 generation = self._waiting[0]
-                generation.cached_tokens, prefix = self.prefixes.longest(generation.prompt_ids)
+                generation.cached_tokens, prefix = self.prefixes.longest(
+                    generation.prompt_ids, generation.cache_scope
+                )
                 width = max(width, generation.prompt_tokens - generation.cached_tokens)
                 if newcomers and width * (len(newcomers) + 1) > self.prefill_tokens:
                     break
@@ -278,7 +287,10 @@ class Engine:
                 FinishReason.ERROR,
                 BackendError("The generation failed on the server; its log has the details."),
             )
-        if not prefill_failed:
+        if prefill_failed:
+            # Rows that joined in the same step may have finished in its decode: they leave now.
+            self._batch.drop_finished()
+        else:
             self._batch = Batch(self.model, self.prefixes)
 
 

@@ -14,8 +14,11 @@ class Generation(Answer):
     `finish` ends it exactly once; later calls change nothing.
     """
 
-    def __init__(self, prepared, tokenizer, eos_ids, engine, *, stop=(), label=""):
+    def __init__(
+        self, prepared, tokenizer, eos_ids, engine, *, stop=(), label="", cache_scope=None
+    ):
         super().__init__(label)
+        self.cache_scope = cache_scope  # whose prefix cache entries it may reuse and leave
         self.prompt_ids: list[int] = prepared.input_ids[0].tolist()
         self.answer_ids: list[int] = []
         self.max_new_tokens = prepared.max_new_tokens

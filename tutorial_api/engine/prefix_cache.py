@@ -1,7 +1,9 @@
 """The engine's prefix cache: keys and values of recent conversations, for reuse.
 
 A prompt that starts the same way as a cached one (the system prompt every chat shares, the history
-a chat sends again each turn) prefills only what is new.
+a chat sends again each turn) prefills only what is new. Each entry belongs to a scope (an API key's
+name, or None where all share): a request reuses its own scope's entries only, so no caller learns
+from `cached_tokens` how much of a guess matched another's conversation.
 """
 
 from collections import OrderedDict
@@ -20,17 +22,23 @@ class PrefixCache:
         """Start empty, with room for `budget_bytes` of keys and values."""
         self.budget_bytes = budget_bytes
         self.bytes = 0
-        self._entries: OrderedDict[tuple[int, ...], _LayerStates] = OrderedDict()
+        # (scope, tokens) -> the tokens' states
+        self._entries: OrderedDict[tuple[str | None, tuple[int, ...]], _LayerStates] = OrderedDict()
 
-    def longest(self, prompt: list[int]) -> tuple[int, _LayerStates | None]:
-        """Return how many of `prompt`'s first tokens are cached, and states that begin with theirs.
+    def longest(
+        self, prompt: list[int], scope: str | None = None
+    ) -> tuple[int, _LayerStates | None]:
+        """Return how many of `prompt`'s first tokens `scope` has cached, and states that begin so.
 
         Never the whole prompt: its last token must be computed for the logits of the first answer
         token.
         """
         prompt, best, best_key = tuple(prompt), 0, None
         for key in self._entries:
-            length = _common_length(key, prompt, len(prompt) - 1)
+            owner, cached = key
+            if owner != scope:
+                continue
+            length = _common_length(cached, prompt, len(prompt) - 1)
             if length > best:
                 best, best_key = length, key
         if best_key is None:
@@ -38,18 +46,23 @@ class PrefixCache:
         self._entries.move_to_end(best_key)
         return best, self._entries[best_key]
 
-    def store(self, tokens: tuple[int, ...], states: _LayerStates) -> None:
-        """Keep `tokens`' states, unless another entry already starts with `tokens`."""
+    def store(
+        self, tokens: tuple[int, ...], states: _LayerStates, scope: str | None = None
+    ) -> None:
+        """Keep `tokens`' states for `scope`, unless another of its entries starts with `tokens`."""
         size = _nbytes(states)
         if not tokens or size > self.budget_bytes:
             return
         for key in list(self._entries):
-            if tokens[: len(key)] == key:
+            owner, cached = key
+            if owner != scope:
+                continue
+            if tokens[: len(cached)] == cached:
                 self._drop(key)
-            elif key[: len(tokens)] == tokens:
+            elif cached[: len(tokens)] == tokens:
                 self._entries.move_to_end(key)
                 return
-        self._entries[tokens] = states
+        self._entries[scope, tokens] = states
         self.bytes += size
         while self.bytes > self.budget_bytes:
             self._drop(next(iter(self._entries)))

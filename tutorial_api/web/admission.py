@@ -26,6 +26,7 @@ async def start_generation(
     (busy, stopped, unreachable), a 504 past the request timeout.
 
     `budget_field` names the request field that set the answer's budget, when the client set one.
+    With API keys on, each key reuses only its own cached prompts and answers.
     """
     engine, settings = request.app.state.engine, request.app.state.settings
     check_turns(messages, settings)
@@ -35,7 +36,12 @@ async def start_generation(
         with anyio.fail_after(settings.request_timeout):
             prepared = await engine.prepare(messages, **budget_and_sampling)
             check_tokens(prepared, settings, budget_field)
-            generation = await engine.start(prepared, stop=stop, label=request.state.request_id)
+            generation = await engine.start(
+                prepared,
+                stop=stop,
+                label=request.state.request_id,
+                cache_scope=getattr(request.state, "key_name", None),
+            )
     except BackendError as error:
         raise backend_refusal(error) from None
     except TimeoutError:

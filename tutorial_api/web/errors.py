@@ -8,12 +8,13 @@ import logging
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tutorial_api.backend import BackendBusy, BackendError, BackendStopped, ChatInputError
 from tutorial_api.upstream import UpstreamError
-from tutorial_api.web.openai_schemas import openai_error
-from tutorial_api.web.tutorial_schemas import tutorial_error
+from tutorial_api.web.openai_schemas import ErrorResponse
+from tutorial_api.web.tutorial_schemas import ChatError, now
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,33 @@ logger = logging.getLogger(__name__)
 _BACKEND_STATUS = {BackendBusy: (503, "server_busy"), BackendStopped: (503, "server_unavailable")}
 # Our names for request fields, as OpenAI's clients know them.
 _OPENAI_PARAM = {"prompt": "messages", "history": "messages", "max_length": "max_tokens"}
+
+
+class UTF8JSONResponse(JSONResponse):
+    """JSON whose content type names its charset: Windows PowerShell 5.1 needs it for Chinese."""
+
+    def init_headers(self, headers=None) -> None:
+        """Set the headers; OpenAPI still documents the media type as plain application/json."""
+        super().init_headers({"content-type": "application/json; charset=utf-8", **(headers or {})})
+
+
+def openai_error(
+    status: int,
+    message: str,
+    param: str | None,
+    kind: str = "invalid_request_error",
+    code: str | None = None,
+    headers=None,
+) -> JSONResponse:
+    """Return OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    body = ErrorResponse(error={"message": message, "type": kind, "param": param, "code": code})
+    return UTF8JSONResponse(body.model_dump(), status, headers=headers)
+
+
+def tutorial_error(status: int, field: str, message: str, headers=None) -> JSONResponse:
+    """Return the error shape of `POST /`: the HTTP status, the field to fix, and why."""
+    body = ChatError(status=status, field=field, message=message, time=now())
+    return UTF8JSONResponse(body.model_dump(), status, headers=headers)
 
 
 class Refusal(HTTPException):

@@ -2,11 +2,13 @@
 
 from typing import Literal
 
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Strict, as the JSON schema says: `"temperature": false` is refused, not read as 0.
 STRICT = ConfigDict(strict=True)
+# Stop strings: as many as OpenAI takes, each far longer than any end marker a chat needs.
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
 
 
 class TextPart(BaseModel):
@@ -107,7 +109,9 @@ class ChatCompletionRequest(BaseModel):
         description="with logprobs: this many likeliest tokens at each position",
     )
     stop: str | list[str] | None = Field(
-        default=None, description="up to 4 strings that end the answer"
+        default=None,
+        description=f"up to {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters "
+        "that end the answer",
     )
     seed: int | None = Field(
         default=None, ge=0, le=2**63 - 1, description="makes sampling repeatable"
@@ -118,11 +122,13 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _at_most_four(cls, stop):
-        """Return the stop strings as a list; refuse more than four, as OpenAI does."""
+    def _few_and_short(cls, stop):
+        """Return the stop strings as a list; refuse too many, or too long a one."""
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop strings")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
         return stops
 
     @field_validator("messages")
@@ -239,16 +245,3 @@ class ErrorResponse(BaseModel):
     """OpenAI's error shape."""
 
     error: ErrorDetail
-
-
-def openai_error(
-    status: int,
-    message: str,
-    param: str | None,
-    kind: str = "invalid_request_error",
-    code: str | None = None,
-    headers=None,
-) -> JSONResponse:
-    """Return OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    body = ErrorResponse(error={"message": message, "type": kind, "param": param, "code": code})
-    return JSONResponse(body.model_dump(), status, headers=headers)

@@ -3,7 +3,6 @@
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # One earlier turn: [the user's message, the assistant's answer].
@@ -96,9 +95,3 @@ class Health(BaseModel):
 def now() -> str:
     """Return the local time as the tutorial writes it: YYYY-MM-DD HH:MM:SS."""
     return datetime.now().strftime(TIME_FORMAT)
-
-
-def tutorial_error(status: int, field: str, message: str, headers=None) -> JSONResponse:
-    """Return the error shape of `POST /`: the HTTP status, the field to fix, and why."""
-    body = ChatError(status=status, field=field, message=message, time=now())
-    return JSONResponse(body.model_dump(), status, headers=headers)
