@@ -77,7 +77,7 @@ def test_the_package_names_load_on_first_use():
             "import tutorial_api.conversation, tutorial_api.models\n"
             "from tutorial_api import chat, start_server, __all__\n"
             "import tutorial_api\n"
-            "assert callable(chat) and chat is tutorial_api.conversation, chat\n"
+            "assert chat is tutorial_api.chat is tutorial_api.conversation.chat, chat\n"
             "assert start_server.__module__ == 'tutorial_api.server'\n"
             "assert set(__all__) <= set(dir(tutorial_api))\n"
             "try:\n    tutorial_api.no_such_name\nexcept AttributeError:\n    print('ok')",

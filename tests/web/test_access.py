@@ -143,3 +143,36 @@ def test_openapi_offers_the_bearer_scheme_only_with_keys(server):
     open_schema = create_app("tiny-qwen2").openapi()
     assert "securitySchemes" not in open_schema.get("components", {})
     assert "401" not in open_schema["paths"]["/"]["post"]["responses"]
+
+
+def test_a_name_ending_in_teacher_marks_a_teachers_key():
+    keys = parse_keys(["Ms Wang (teacher):t-1", "alice:a-1", "(teacher):t-2"])
+    assert [(key.name, key.teacher) for key in keys] == [
+        ("Ms Wang", True),
+        ("alice", False),
+        ("key3", True),
+    ]
+
+
+def test_the_dashboards_data_needs_a_teachers_key(serve):
+    server = serve(api_keys=["Ms Wang (teacher):t-key", f"alice:{ALICE}"])
+    data = f"{server.url}/dashboard/data"
+    assert requests.get(data).status_code == 401
+    assert requests.get(data, headers=bearer("wrong")).status_code == 401
+    student = requests.get(data, headers=bearer(ALICE))
+    assert student.status_code == 403 and "teacher" in student.json()["message"]
+    assert requests.get(data, headers=bearer("t-key")).status_code == 200
+    # The page itself holds no figures and no key: anyone may load it.
+    page = requests.get(f"{server.url}/dashboard")
+    assert page.status_code == 200 and "t-key" not in page.text
+
+
+def test_the_chat_page_needs_no_key_and_holds_none(server):
+    page = requests.get(server.url)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    assert ALICE not in page.text and BOB not in page.text
+    # POST / is still the tutorial's, behind its key; other methods learn both of the path's.
+    assert requests.post(server.url, json={"prompt": "hi"}).status_code == 401
+    refused = requests.put(server.url)
+    assert refused.status_code == 405 and refused.headers["Allow"] == "GET, POST"

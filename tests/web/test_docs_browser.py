@@ -1,43 +1,19 @@
-"""/docs and /redoc in a real headless Chromium that can reach nothing but this machine's loopback
-address: the pages render from the server's own files, Swagger UI's Authorize takes an API key, and
-"Try it out" gets an answer.
+"""/docs and /redoc in a real headless Chromium (tests/web/conftest.py) that can reach nothing but
+this machine's loopback address: the pages render from the server's own files, Swagger UI's
+Authorize takes an API key, and "Try it out" gets an answer.
 """
-
-import shutil
-import socket
 
 import pytest
 
 from tutorial_api import create_app, start_server
 
-webdriver = pytest.importorskip(
-    "selenium.webdriver", reason="selenium is not installed (the dev extra has it)"
-)
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions as shown  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra has it)")
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as shown
+from selenium.webdriver.support.ui import WebDriverWait
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-PACKAGES = {
-    "chromium": "chromium",
-    "chromedriver": "chromium-driver",
-}  # Debian's package for each command
-MISSING = {command: package for command, package in PACKAGES.items() if not shutil.which(command)}
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        bool(MISSING),
-        reason=f"{' and '.join(MISSING)} not found: apt-get install {' '.join(MISSING.values())}",
-    ),
-]
+pytestmark = pytest.mark.slow
 KEY = "browser-key"
-
-
-def dead_port() -> int:
-    """a loopback port nothing listens on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,58 +27,11 @@ def server():
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-        # Every host but loopback is unreachable: names resolve to nothing, and anything else goes
-        # to a proxy that is not there.
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-        f"--proxy-server=http://127.0.0.1:{dead_port()}",
-        "--proxy-bypass-list=127.0.0.1",
-        "--window-size=1280,2000",
-    ):
-        options.add_argument(argument)
-    options.set_capability(
-        "goog:loggingPrefs", {"browser": "ALL"}
-    )  # the console, where failed loads show
-    browser = webdriver.Chrome(
-        options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER)
-    )
-    yield browser
-    browser.quit()
-
-
 def wait_for(browser, condition, seconds=30):
     return WebDriverWait(browser, seconds).until(condition)
 
 
-def reached_outside(browser, server) -> list[str]:
-    """What the page loaded from anywhere but the server, and the loads that failed (none should be
-    tried).
-    """
-    loaded = browser.execute_script(
-        "return performance.getEntriesByType('resource')"
-        ".filter(e => e.responseStatus).map(e => e.name)"
-    )
-    failed = [
-        entry["message"] for entry in browser.get_log("browser") if "net::ERR_" in entry["message"]
-    ]
-    return [url for url in loaded if not url.startswith(server.url)] + failed
-
-
-def test_swagger_ui_renders_authorizes_and_tries_post_root(server, browser):
+def test_swagger_ui_renders_authorizes_and_tries_post_root(server, browser, reached_outside):
     """Swagger UI renders, authorizes and tries the tutorial endpoint."""
     browser.get(f"{server.url}/docs")
     wait_for(browser, shown.presence_of_element_located((By.CSS_SELECTOR, ".opblock")))
@@ -133,12 +62,12 @@ def test_swagger_ui_renders_authorizes_and_tries_post_root(server, browser):
     ).text
     assert status.text.strip() == "200", body
     assert '"history"' in body and '"你好"' in body
-    assert not reached_outside(browser, server)
+    assert not reached_outside(server)
 
 
-def test_redoc_renders_offline(server, browser):
+def test_redoc_renders_offline(server, browser, reached_outside):
     browser.get(f"{server.url}/redoc")
     wait_for(
         browser, lambda page: "/v1/chat/completions" in page.find_element(By.TAG_NAME, "body").text
     )
-    assert not reached_outside(browser, server)
+    assert not reached_outside(server)

@@ -103,6 +103,11 @@ class Engine:
         return len(self._live)
 
     @property
+    def threads(self) -> int | None:
+        """Count the CPU threads the worker decodes with; None on a GPU or before its first step."""
+        return self._threads.threads if self._threads else None
+
+    @property
     def unavailable_reason(self) -> str | None:
         """Say why the engine cannot generate now, or return None while it can."""
         if self._closing:

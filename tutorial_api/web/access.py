@@ -1,6 +1,7 @@
-"""API keys: which callers may use the API.
+"""API keys: which callers may use the API, and which of them may watch the class.
 
-A key is checked in constant time, and known in the log by its name, never by the key itself.
+A key is checked in constant time, and known in the log by its name, never by the key itself. A
+key whose name ends in `(teacher)`, as in `Ms Wang (teacher):s3cret`, also opens the dashboard.
 """
 
 import hashlib
@@ -20,25 +21,34 @@ bearer = HTTPBearer(
 )
 
 
+TEACHER = "(teacher)"
+
+
 @dataclass(frozen=True)
 class ApiKey:
     """A caller's key, and the name the log knows it by; `repr` never shows the secret."""
 
     name: str
     secret: str = field(repr=False)
+    teacher: bool = False  # also opens the teacher's dashboard
 
 
 def parse_keys(entries) -> list[ApiKey]:
-    """Parse `KEY` or `NAME:KEY` entries; an unnamed key is called key1, key2... by its place."""
+    """Parse `KEY` or `NAME:KEY` entries; an unnamed key is called key1, key2... by its place.
+
+    A name ending in `(teacher)` marks a teacher's key; the name is kept without it.
+    """
     keys = []
     for place, entry in enumerate(entries, start=1):
         name, colon, secret = entry.partition(":")
         if not colon:
             name, secret = "", name
-        name, secret = name.strip() or f"key{place}", secret.strip()
+        name, secret = name.strip(), secret.strip()
+        teacher = name.endswith(TEACHER)
+        name = name.removesuffix(TEACHER).strip() or f"key{place}"
         if not secret:
             raise ValueError(f"API key number {place} ({name}) is empty.")
-        keys.append(ApiKey(name, secret))
+        keys.append(ApiKey(name, secret, teacher))
     return keys
 
 
@@ -92,6 +102,32 @@ async def require_key(
             "This API key is not valid: check it for typos, or ask whoever runs the server for one."
         )
     request.state.key_name = key.name
+    return key.name
+
+
+async def require_teacher(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> str:
+    """Return the teacher's key name; refuse with 401 without a known key, 403 for a student's.
+
+    A server without keys is open to all, its dashboard too.
+    """
+    if not request.app.state.keys:
+        return "-"
+    if credentials is None:
+        raise _unauthorized("The dashboard needs a teacher's key, sent as 'Authorization: Bearer'.")
+    key = find_key(request.app.state.keys, credentials.credentials)
+    if key is None:
+        raise _unauthorized("This API key is not valid: check it for typos.")
+    request.state.key_name = key.name
+    if not key.teacher:
+        raise Refusal(
+            403,
+            f"The key of {key.name} is not a teacher's: mark one in the key file as "
+            f"'NAME {TEACHER}:KEY'.",
+            field="Authorization",
+            code="not_a_teacher",
+        )
     return key.name
 
 

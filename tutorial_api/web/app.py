@@ -1,4 +1,6 @@
-"""The chat API: the tutorial's `POST /`, the OpenAI-compatible `/v1`, and `GET /health`.
+"""The chat API (the tutorial's `POST /`, the OpenAI-compatible `/v1`), `/health`, `/metrics`.
+
+For a browser: the chat page at `GET /`, the teacher's dashboard at `GET /dashboard` (`pages.py`).
 
 One backend answers them all: the kit's own engine, or an OpenAI-compatible upstream server.
 """
@@ -11,7 +13,6 @@ from dataclasses import replace
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tutorial_api.backend import ChatInputError
@@ -23,9 +24,17 @@ from tutorial_api.upstream import Upstream
 from tutorial_api.web import openai_routes, tokenize_routes, tutorial_routes
 from tutorial_api.web.access import keys_from, require_key
 from tutorial_api.web.docs import add_docs
-from tutorial_api.web.errors import CatchAll, http_error, invalid_request, unservable_chat
+from tutorial_api.web.errors import (
+    CatchAll,
+    UTF8JSONResponse,
+    http_error,
+    invalid_request,
+    unservable_chat,
+)
 from tutorial_api.web.limits import BodyLimit, Slots, concurrency_slot
+from tutorial_api.web.metrics import Metrics, add_metrics
 from tutorial_api.web.openai_schemas import ErrorResponse
+from tutorial_api.web.pages import add_pages
 from tutorial_api.web.request_log import RequestLog
 from tutorial_api.web.tutorial_schemas import ChatError, Health
 
@@ -70,7 +79,11 @@ def create_app(
             )
             try:
                 app.state.model_name = await app.state.engine.open()
-                logger.info("Answering with %s through %s", app.state.model_name, settings.upstream)
+                logger.info(
+                    "Answering with %s through %s",
+                    app.state.model_name,
+                    app.state.engine.logged_url,
+                )
                 yield
             finally:
                 await app.state.engine.close()
@@ -108,6 +121,7 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        default_response_class=UTF8JSONResponse,
     )
     app.state.model_name = model_name
     # Set once the kit's own engine has loaded; an upstream server does not tell its dtype.
@@ -119,6 +133,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(ChatInputError, unservable_chat)
+    add_pages(app)  # first: GET / shares its path with POST /
     app.include_router(tutorial_routes.router, **_guards(app, ChatError))
     app.include_router(openai_routes.router, **_guards(app, ErrorResponse))
     app.include_router(tokenize_routes.router, **_guards(app, ChatError))
@@ -132,6 +147,8 @@ def create_app(
         responses={503: unavailable},
     )
     add_docs(app)
+    app.state.metrics = Metrics(app, upstream=bool(settings.upstream))
+    add_metrics(app, app.state.metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
@@ -143,7 +160,7 @@ def create_app(
         )
     app.add_middleware(CatchAll)
     # Added last, so outermost: it logs every request, CORS preflights and refusals too.
-    app.add_middleware(RequestLog)
+    app.add_middleware(RequestLog, metrics=app.state.metrics)
     return app
 
 
@@ -191,5 +208,5 @@ async def _health(request: Request):
         reason=unavailable_reason,
     )
     if unavailable_reason:
-        return JSONResponse(health.model_dump(exclude_none=True), 503)
+        return UTF8JSONResponse(health.model_dump(exclude_none=True), 503)
     return health

@@ -10,7 +10,7 @@ from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 
 from tutorial_api.backend import RelayedAnswer
 from tutorial_api.web.admission import answer_or_cancel, start_generation, stream_or_timeout
-from tutorial_api.web.errors import Refusal, UTF8JSONResponse
+from tutorial_api.web.errors import Refusal
 from tutorial_api.web.openai_schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -23,9 +23,7 @@ from tutorial_api.web.openai_schemas import (
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(
-    prefix="/v1", tags=["OpenAI-compatible"], default_response_class=UTF8JSONResponse
-)
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 500, 502, 503)}
 # A stream that has sent nothing for this long sends an SSE comment, so proxies and clients keep it

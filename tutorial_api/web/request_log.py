@@ -1,5 +1,7 @@
 """One log line per request, for the teacher: who asked, what for, how it ended, how long it took.
 
+The same middleware feeds the app's Prometheus counters (`metrics.py`) as each request ends.
+
 The line is `key=value` pairs; a value with anything but plain characters is written as a JSON
 string, so text from a client (a path, a key's name) can never start a line of its own. The
 request's id comes back to the client in the X-Request-ID header, to find its line.
@@ -11,16 +13,22 @@ import re
 import time
 import uuid
 
+from tutorial_api.web.metrics import Metrics
+
 logger = logging.getLogger("tutorial_api.requests")
 
 _PLAIN = re.compile(r"[\w./:@+-]+", re.ASCII)
 
 
 class RequestLog:
-    """ASGI middleware: an id for each request, sent back as X-Request-ID, and a line as it ends."""
+    """ASGI middleware: an id for each request, sent back as X-Request-ID, and a line as it ends.
 
-    def __init__(self, app):
+    Each request also moves `metrics`' counters: counted in flight, then ended.
+    """
+
+    def __init__(self, app, metrics: Metrics):
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
         """Pass the request on with its id, and write its log line once the answer ends."""
@@ -33,6 +41,8 @@ class RequestLog:
         # Until the app answers: an unhandled error becomes a 500 outside this middleware.
         status = 500
         logged = False
+        streamed = False
+        self.metrics.started(request_id, state)
 
         def write_line():
             """Log the request's line, once, however the request ends."""
@@ -41,16 +51,24 @@ class RequestLog:
                 logged = True
                 seconds = time.perf_counter() - started
                 logger.info(log_line(request_id, scope, state, status, seconds))
+                self.metrics.ended(request_id, scope, status, seconds)
 
         async def send_with_id(message):
             """Send the answer with its X-Request-ID header, noting its status."""
-            nonlocal status
+            nonlocal status, streamed
             if message["type"] == "http.response.start":
                 status = message["status"]
+                streamed = any(
+                    name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+                    for name, value in message.get("headers", [])
+                )
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
                 ]
+            if streamed and message["type"] == "http.response.body":
+                seconds = time.perf_counter() - started
+                self.metrics.streamed(state, message.get("body", b""), seconds)
             last_part = not message.get("more_body", False)
             if message["type"] == "http.response.body" and last_part:
                 # Before the last byte leaves: a client holding its answer finds the line written.

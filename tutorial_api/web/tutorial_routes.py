@@ -4,10 +4,10 @@ from fastapi import APIRouter, Request
 
 from tutorial_api.conversation import build_messages, tutorial_sampling
 from tutorial_api.web.admission import answer_or_cancel, start_generation
-from tutorial_api.web.errors import Refusal, UTF8JSONResponse
+from tutorial_api.web.errors import Refusal
 from tutorial_api.web.tutorial_schemas import ChatError, ChatRequest, ChatResponse, now
 
-router = APIRouter(default_response_class=UTF8JSONResponse)
+router = APIRouter()
 
 
 @router.post(
