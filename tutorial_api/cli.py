@@ -141,7 +141,9 @@ def _keys(args) -> None:
     print(
         f"Wrote {len(keys)} keys to {args.file}. Serve the class with\n"
         f"    python -m tutorial_api serve --host 0.0.0.0 --api-key-file {args.file}\n"
-        f"and hand each student their line (name, server address, key):",
+        f"and hand each student their line (name, server address, key), or print one slip\n"
+        f"each, with a QR code of their own link, from {url}/sheet (a key named\n"
+        f"'... (teacher)' in the file opens it):",
         file=sys.stderr,
     )
     print("\n".join(student_sheet(keys, url)))

@@ -28,7 +28,9 @@ _FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40
 _ANSWER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 # A path no route matched is counted as this, so a client cannot add label values at will.
 UNMATCHED = "other"
+# The teacher's pages fetch their data here: those polls are no student's work.
 DASHBOARD_DATA = "/dashboard/data"
+SHEET_DATA = "/sheet/data"
 
 
 @dataclass
@@ -113,8 +115,7 @@ class Metrics:
         path = getattr(scope.get("route"), "path", UNMATCHED)
         self.requests.labels(path, str(status)).inc()
         generation = state.get("generation")
-        # The dashboard's own polls are no student's work.
-        if (key := state.get("key_name")) and path != DASHBOARD_DATA:
+        if (key := state.get("key_name")) and path not in (DASHBOARD_DATA, SHEET_DATA):
             tally = self.per_key.setdefault(key, KeyTally())
             tally.requests += 1
             tally.last_seen = time.time()

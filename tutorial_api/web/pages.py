@@ -1,23 +1,28 @@
-"""The pages a class opens in a browser: the chat page at GET /, the teacher's dashboard.
+"""The pages a class opens in a browser: the chat page at GET /, the teacher's dashboard and sheet.
 
 They are plain HTML, CSS and JavaScript files in `pages/`, served as they are: no build step, and
 nothing loaded from another host (a Content-Security-Policy holds the browser to that). The keys
 stay in each browser; the pages hold none. The dashboard polls GET /dashboard/data, which a
 teacher's key opens: the same counters as /metrics, each key's tallies, and who is asking now,
-never what they ask.
+never what they ask. The student sheet fetches GET /sheet/data with the same key: the address
+students type, the examples, and each student's own link, `ADDRESS/#key=KEY`, whose key stays in
+the fragment, which a browser never sends.
 """
 
+import ipaddress
 from importlib.resources import files
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from tutorial_api.class_keys import sheet_examples, student_link
+from tutorial_api.server import network_address
 from tutorial_api.web.access import require_teacher
-from tutorial_api.web.metrics import DASHBOARD_DATA
+from tutorial_api.web.metrics import DASHBOARD_DATA, SHEET_DATA
 
 PAGES = files("tutorial_api.web") / "pages"
 # Scripts, styles, images and requests from this server only.
@@ -41,7 +46,7 @@ class SharedPathRoute(APIRoute):
 
 
 def add_pages(app: FastAPI) -> None:
-    """Serve the chat page at GET /, the dashboard at GET /dashboard, their files under /pages.
+    """Serve the chat page at GET /, the dashboard and the student sheet, their files under /pages.
 
     Call it before POST / is added: the first route of a path answers its wrong methods.
     """
@@ -67,6 +72,52 @@ def add_pages(app: FastAPI) -> None:
     ) -> dict:
         """Return the class's figures now, for a teacher's key."""
         return request.app.state.metrics.snapshot()
+
+    @app.get("/sheet", include_in_schema=False)
+    async def sheet_page():
+        """Return the student sheet, to project or print; its contents come from /sheet/data."""
+        return _page("sheet.html")
+
+    @app.get(SHEET_DATA, include_in_schema=False)
+    async def sheet_data(
+        request: Request, response: Response, teacher: Annotated[str, Depends(require_teacher)]
+    ) -> dict:
+        """Return the student sheet for a teacher's key: address, examples, each student's link."""
+        response.headers["Cache-Control"] = "no-store"  # it holds every student's key
+        address = students_address(request)
+        students = [key for key in request.app.state.keys if not key.teacher]
+        return {
+            "address": address,
+            "model": request.app.state.model_name,
+            "needs_key": bool(request.app.state.keys),
+            "examples": sheet_examples(address),
+            "students": [
+                {"name": key.name, "key": key.secret, "link": student_link(address, key)}
+                for key in students
+            ],
+        }
+
+
+def students_address(request: Request) -> str:
+    """Return the server's address as students type it: the one the teacher's browser used.
+
+    A loopback name works on this machine only, so it becomes the machine's network address.
+    """
+    url = request.url
+    host = url.hostname or ""
+    if _is_loopback(host):
+        host = network_address()
+    elif ":" in host:  # an IPv6 address goes in brackets
+        host = f"[{host}]"
+    port = f":{url.port}" if url.port else ""
+    return f"{url.scheme}://{host}{port}"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost" or host.endswith(".localhost")
 
 
 def _page(name: str) -> HTMLResponse:

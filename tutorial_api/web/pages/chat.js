@@ -93,6 +93,19 @@ function showKeyForm() {
   page.key.focus();
 }
 
+// A student's own link, ADDRESS/#key=KEY, saves the key as the form does, then leaves the address
+// bar: the fragment never reaches the server, and a screen shared later shows no key.
+function takeKeyFromLink() {
+  const given = new URLSearchParams(location.hash.slice(1)).get("key");
+  if (given === null) {
+    return;
+  }
+  localStorage.setItem(KEY_STORE, given.trim());
+  history.replaceState(null, "", location.pathname + location.search);
+  page.keyForm.hidden = true;
+  notify("");
+}
+
 function notify(message) {
   page.notice.textContent = message;
   page.notice.hidden = !message;
@@ -289,7 +302,9 @@ document.getElementById("new-chat").addEventListener("click", () => {
 });
 
 document.getElementById("change-key").addEventListener("click", showKeyForm);
+window.addEventListener("hashchange", takeKeyFromLink);
 
+takeKeyFromLink();
 translatePage();
 showModel();
 if (localStorage.getItem(KEY_STORE) === null) {

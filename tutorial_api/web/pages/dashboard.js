@@ -196,7 +196,7 @@ function show(data) {
   byId("first-token").textContent = pair(data, "tutorial_api_time_to_first_token_seconds");
   byId("answer-time").textContent = pair(data, "tutorial_api_request_duration_seconds");
   const refused = samples(data, "tutorial_api_requests_total").filter(
-    (sample) => Number(sample.labels.status) >= 400 && sample.labels.path !== "/dashboard/data",
+    (sample) => Number(sample.labels.status) >= 400 && !["/dashboard/data", "/sheet/data"].includes(sample.labels.path),
   );
   const byStatus = {};
   for (const sample of refused) {
