@@ -202,10 +202,10 @@ class Engine:
                     try:
                         self._step()
                         self.failed_steps = 0
-                    except Exception as error:
+                    except Exception as error:  # a failed step must not kill the worker
                         self.failed_steps += 1
                         self._fail_step(error)
-        except BaseException:
+        except BaseException:  # whatever ends the worker is logged; `finally` ends its requests
             logger.critical("The generation worker stopped", exc_info=True)
         finally:
             if self._threads and torch.get_num_threads() != self._threads.most:

@@ -161,7 +161,7 @@ async def _events(request, generation, completion_id, created, model, include_us
         if include_usage:
             yield event([], usage=_usage(generation).model_dump())
         yield format_sse_event(data_str="[DONE]")
-    except Exception as error:
+    except Exception as error:  # the status line is sent: report in the stream
         yield _error_event(request, error)
 
 
@@ -172,7 +172,7 @@ async def _relayed(request, generation, include_usage):
             request, generation, generation.relay(include_usage, KEEPALIVE_SECONDS)
         ):
             yield KEEPALIVE_COMMENT if events is None else events
-    except Exception as error:
+    except Exception as error:  # the status line is sent: report in the stream
         yield _error_event(request, error)
 
 
