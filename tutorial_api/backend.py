@@ -184,12 +184,14 @@ class PreparedChat(Protocol):
     """A conversation checked and ready to start, as a backend's `prepare` returns it."""
 
     @property
-    def prompt_tokens(self) -> int | None: ...  # None where the backend cannot count tokens
+    def prompt_tokens(self) -> int | None:
+        """Count the prompt's tokens; None where the backend cannot count them."""
+        ...
 
     @property
-    def max_new_tokens(
-        self,
-    ) -> int | None: ...  # the answer's budget; None leaves it to the backend
+    def max_new_tokens(self) -> int | None:
+        """Return the answer's budget in tokens; None leaves it to the backend."""
+        ...
 
 
 class Backend(Protocol):
