@@ -2,7 +2,6 @@
 // shows the class at a glance. The figures are /metrics' own; no prompt text ever reaches it.
 "use strict";
 
-const KEY_STORE = "tutorial_api.teacher_key";
 const POLL_MS = 2000;
 const CHART_SECONDS = 300; // the tokens/s chart spans the last five minutes
 
@@ -55,28 +54,9 @@ const TEXTS = {
   },
 };
 
-const language = navigator.language.toLowerCase().startsWith("zh") ? "zh" : "en";
 const text = TEXTS[language];
-const byId = (id) => document.getElementById(id);
 const rates = []; // [seconds since the epoch, tokens/s] for the chart
 let previous = null; // the last poll's time and completion tokens
-
-function translatePage() {
-  document.documentElement.lang = language === "zh" ? "zh-CN" : "en";
-  for (const element of document.querySelectorAll("[data-text]")) {
-    element.textContent = text[element.dataset.text];
-  }
-}
-
-function notify(message) {
-  byId("notice").textContent = message;
-  byId("notice").hidden = !message;
-}
-
-function showKeyForm() {
-  byId("key-form").hidden = false;
-  byId("key").focus();
-}
 
 // The samples of one metric, as /metrics has them.
 function samples(data, name) {
@@ -212,33 +192,16 @@ function show(data) {
 }
 
 async function poll() {
-  const key = localStorage.getItem(KEY_STORE);
-  const headers = key ? { Authorization: `Bearer ${key}` } : {};
-  try {
-    const response = await fetch("dashboard/data", { headers });
-    if (response.ok) {
-      notify("");
-      show(await response.json());
-    } else {
-      notify(response.status === 403 ? text.forbidden : text.unauthorized);
-      showKeyForm();
-      return; // polling starts again once a key is saved
-    }
-  } catch {
-    notify(text.unreachable);
+  const data = await fetchWithKey("dashboard/data", text);
+  if (data === null) {
+    return; // polling starts again once a key is saved
+  }
+  if (data) {
+    show(data);
   }
   setTimeout(poll, POLL_MS);
 }
 
-byId("key-form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  localStorage.setItem(KEY_STORE, byId("key").value.trim());
-  byId("key").value = "";
-  byId("key-form").hidden = true;
-  poll();
-});
-
-byId("change-key").addEventListener("click", showKeyForm);
-
-translatePage();
+askForKey(poll);
+translatePage(text);
 poll();

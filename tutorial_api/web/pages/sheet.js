@@ -3,7 +3,6 @@
 // carries its key after `#`, which the student's browser never sends to the server.
 "use strict";
 
-const KEY_STORE = "tutorial_api.teacher_key";
 const SVG = "http://www.w3.org/2000/svg";
 const QUIET = 4; // modules of white around a QR code, as readers expect
 
@@ -74,28 +73,9 @@ const TEXTS = {
   },
 };
 
-const language = navigator.language.toLowerCase().startsWith("zh") ? "zh" : "en";
 const text = TEXTS[language];
-const byId = (id) => document.getElementById(id);
 let showingSlips = false;
 
-function translatePage() {
-  document.documentElement.lang = language === "zh" ? "zh-CN" : "en";
-  for (const element of document.querySelectorAll("[data-text]")) {
-    element.textContent = text[element.dataset.text];
-  }
-  byId("in-code").textContent = text.inCode;
-}
-
-function notify(message) {
-  byId("notice").textContent = message;
-  byId("notice").hidden = !message;
-}
-
-function showKeyForm() {
-  byId("key-form").hidden = false;
-  byId("key").focus();
-}
 
 // `address` as a QR code: an SVG square per dark module, labelled with what it encodes.
 function qrCode(address) {
@@ -170,37 +150,20 @@ function showView() {
 }
 
 async function load() {
-  const key = localStorage.getItem(KEY_STORE);
-  const headers = key ? { Authorization: `Bearer ${key}` } : {};
-  try {
-    const response = await fetch("sheet/data", { headers, cache: "no-store" });
-    if (!response.ok) {
-      notify(response.status === 403 ? text.forbidden : text.unauthorized);
-      showKeyForm();
-      return;
-    }
-    notify("");
-    show(await response.json());
-  } catch {
-    notify(text.unreachable);
+  const data = await fetchWithKey("sheet/data", text, { cache: "no-store" });
+  if (data) {
+    show(data);
   }
 }
 
-byId("key-form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  localStorage.setItem(KEY_STORE, byId("key").value.trim());
-  byId("key").value = "";
-  byId("key-form").hidden = true;
-  load();
-});
-
+askForKey(load);
 byId("switch").addEventListener("click", () => {
   showingSlips = !showingSlips;
   showView();
 });
 
 byId("print").addEventListener("click", () => window.print());
-byId("change-key").addEventListener("click", showKeyForm);
 
-translatePage();
+translatePage(text);
+byId("in-code").textContent = text.inCode;
 load();
