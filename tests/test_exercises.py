@@ -5,6 +5,9 @@ The notebooks' own placeholders and solutions are fed to the checks that need no
 notebook runs (tests/test_notebooks.py) hold the others to the same rule.
 """
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -366,3 +369,163 @@ def test_wrong_key_accepts_an_unknown_bearer_key(keyed, verdict):
     headers = {"Authorization": "Bearer not-a-class-key"}
     reply = requests.post(keyed.url, json={"prompt": "你好"}, headers=headers)
     assert _solved(verdict(exercises.check_wrong_key, reply))
+
+
+def _three_turns(session, url, questions):
+    history = []
+    for question in questions:
+        answer = session.post(
+            url, json={"prompt": question, "history": history, "max_length": 1024}
+        )
+        history = answer.json()["history"]
+    return history
+
+
+def _three_turns_forgetting(session, url, questions):
+    for question in questions:
+        answer = session.post(url, json={"prompt": question, "max_length": 1024})
+    return answer.json()["history"]
+
+
+def _three_turns_kept_locally(session, url, questions):
+    history = []
+    for question in questions:
+        answer = session.post(url, json={"prompt": question, "max_length": 1024})
+        history.append([question, answer.json()["response"]])
+    return history
+
+
+@pytest.fixture(scope="module")
+def short_answers(tiny):
+    """A server with a class's key whose answers stop at 16 tokens: room for three turns."""
+    app = create_app(tiny, api_keys=["bob:bob-key"], answer_tokens=16)
+    server = start_server(app, port=0, log_level="warning")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("wrong", [_three_turns_forgetting, _three_turns_kept_locally])
+def test_three_turns_rejects_turns_sent_without_the_history(wrong, short_answers, verdict):
+    printed = verdict(exercises.check_three_turns, wrong, short_answers.url, "bob-key")
+    assert _rejected(printed)
+
+
+def test_three_turns_accepts_each_turn_sent_with_the_last_history(
+    short_answers, verdict, monkeypatch
+):
+    monkeypatch.chdir(NOTEBOOKS / "zh")
+    printed = verdict(exercises.check_three_turns, _three_turns, short_answers.url, "bob-key")
+    assert printed.startswith(exercises.SOLVED_ZH), printed
+
+
+@pytest.fixture(scope="module")
+def slow_server(slow_tiny):
+    """The slowed tiny model's app: a 64-token answer takes over a second, its first text not."""
+    server = start_server(create_app(slow_tiny), port=0, log_level="warning")
+    yield server
+    server.stop()
+
+
+def _ask(client, stream):
+    return client.chat.completions.create(
+        model="tiny-qwen2",
+        messages=[{"role": "user", "content": exercises.QUESTIONS[0]}],
+        max_tokens=64,
+        temperature=0,
+        stream=stream,
+    )
+
+
+def _first_text(client, stream):
+    start = time.perf_counter()
+    answer = _ask(client, stream)
+    if not stream:
+        return time.perf_counter() - start
+    for chunk in answer:
+        if chunk.choices and chunk.choices[0].delta.content:
+            return time.perf_counter() - start
+
+
+def _first_text_timed_to_the_end(client, stream):
+    start = time.perf_counter()
+    answer = _ask(client, stream)
+    if stream:
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in answer if chunk.choices)
+        assert len(text) > 20  # a long answer, so its end comes well after its first text
+    return time.perf_counter() - start
+
+
+def _first_text_never_streamed(client, stream):
+    return _first_text(client, False)
+
+
+@pytest.mark.parametrize("wrong", [_first_text_timed_to_the_end, _first_text_never_streamed])
+def test_first_text_rejects_a_wrong_clock(wrong, slow_server, verdict):
+    assert _rejected(verdict(exercises.check_first_text, wrong, _client(slow_server)))
+
+
+def test_first_text_accepts_the_first_chunk_with_text(slow_server, verdict):
+    printed = verdict(exercises.check_first_text, _first_text, _client(slow_server))
+    assert _solved(printed), printed
+
+
+def _tokens_and_seconds(client):
+    start = time.perf_counter()
+    answer = _ask(client, False)
+    return answer.usage.completion_tokens, time.perf_counter() - start
+
+
+def _words_and_seconds(client):
+    start = time.perf_counter()
+    answer = _ask(client, False)
+    return len(answer.choices[0].message.content.split()), time.perf_counter() - start
+
+
+def test_tokens_per_second_rejects_counting_words(tiny_server, verdict):
+    printed = verdict(exercises.check_tokens_per_second, _words_and_seconds, _client(tiny_server))
+    assert _rejected(printed)
+
+
+def test_tokens_per_second_accepts_the_servers_usage(tiny_server, verdict):
+    printed = verdict(exercises.check_tokens_per_second, _tokens_and_seconds, _client(tiny_server))
+    assert _solved(printed), printed
+
+
+STUDENT_CHECKS = """
+import sys
+sys.modules["torch"] = None  # a laptop without torch: importing it fails
+from openai import OpenAI
+from tutorial_api import exercises
+
+def three_turns(session, url, questions):
+    history = []
+    for question in questions:
+        answer = session.post(url, json={"prompt": question, "history": history})
+        history = answer.json()["history"]
+    return history
+
+def tokens_and_seconds(client):
+    import time
+    start = time.perf_counter()
+    answer = client.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+    )
+    return answer.usage.completion_tokens, time.perf_counter() - start
+
+url = sys.argv[1]
+exercises.check_three_turns(three_turns, url, "bob-key")
+client = OpenAI(base_url=url + "/v1", api_key="bob-key")
+exercises.check_tokens_per_second(tokens_and_seconds, client)
+"""
+
+
+def test_a_students_checks_need_no_torch(short_answers):
+    """A student's laptop runs the notebook 7 checks with requests and openai alone."""
+    printed = subprocess.run(
+        [sys.executable, "-c", STUDENT_CHECKS, short_answers.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    assert len(printed) == 2 and all(line.startswith(exercises.SOLVED) for line in printed), printed

@@ -13,10 +13,15 @@ problem again, it shows one step more.
 """
 
 import collections
+import dataclasses
 import functools
 import json
 import random
+import re
+import time
 from pathlib import Path
+
+import httpx
 
 # Every text a learner reads, as (English, Chinese).
 Text = tuple[str, str]
@@ -893,4 +898,270 @@ def check_wrong_key(reply):
         f"401: a wrong key is refused, and the answer names the header to fix: {message}",
         f"401：错误的 key 被拒绝了，回答里指出了要改的 header。服务端的原话（英文）：{message}\n"
         "意思是：这个 API key 无效，检查有没有输错，或者向老师要一个。",
+    )
+
+
+# notebook 7: a student's laptop, only requests and openai
+
+QUESTIONS = ("你好，请用一句话介绍你自己。", "你刚才说了什么？", "把它翻译成英文。")
+# Non-empty text in a JSON answer or in one of a stream's events.
+_TEXT = re.compile(rb'"content":\s*"[^"]')
+
+
+@dataclasses.dataclass
+class _Timing:
+    """One answer on the wire: its times in seconds since its request was sent, and its bytes."""
+
+    streamed: bool
+    first_text: float | None = None
+    last_byte: float | None = None
+    body: bytes = b""
+
+
+class _TimedBody(httpx.SyncByteStream):
+    """A response body that fills in its answer's _Timing as its bytes arrive."""
+
+    def __init__(self, chunks: httpx.SyncByteStream, sent: float, timing: _Timing):
+        self._chunks, self._sent, self._timing = chunks, sent, timing
+
+    def __iter__(self):
+        for chunk in self._chunks:
+            if self._timing.first_text is None and _TEXT.search(chunk):
+                self._timing.first_text = time.monotonic() - self._sent
+            self._timing.body += chunk
+            yield chunk
+        self._timing.last_byte = time.monotonic() - self._sent
+
+    def close(self) -> None:
+        self._chunks.close()
+
+
+class _Stopwatch(httpx.HTTPTransport):
+    """An httpx transport that times each answer on the wire, under the learner's code."""
+
+    def __init__(self):
+        super().__init__()
+        self.timings: list[_Timing] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        sent = time.monotonic()
+        response = super().handle_request(request)
+        timing = _Timing(
+            streamed=response.headers.get("content-type", "").startswith("text/event-stream")
+        )
+        self.timings.append(timing)
+        response.stream = _TimedBody(response.stream, sent, timing)
+        return response
+
+
+def _timed(client, watch: _Stopwatch, http: httpx.Client):
+    """Return `client` sending through `watch`, warmed up by one short answer.
+
+    A client's first answer loads code: warmed, the learner's clock and the wire's measure the same.
+    """
+    timed = client.with_options(http_client=http)
+    name = timed.models.list().data[0].id
+    timed.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+    )
+    watch.timings.clear()
+    return timed
+
+
+def _close_to(measured, actual: float) -> bool:
+    """Tell whether the learner's `measured` seconds agree with the wire's `actual` ones."""
+    return isinstance(measured, int | float) and abs(measured - actual) <= 0.1 + 0.25 * actual
+
+
+@_check(
+    (
+        "three_turns(session, url, questions) should return the history after the third answer.",
+        "three_turns(session, url, questions) 应该返回第三个回答之后的 history。",
+    )
+)
+def check_three_turns(three_turns, url, key=None):
+    """Check three turns of one chat, each request sending the history the last answer returned."""
+    import requests
+
+    sent, answers = [], []
+
+    def record(response, *args, **kwargs):
+        sent.append(json.loads(response.request.body or b"{}"))
+        answers.append(response.json() if response.ok else {})
+
+    with requests.Session() as session:
+        session.hooks["response"].append(record)
+        if key:
+            session.headers["Authorization"] = f"Bearer {key}"
+        history = three_turns(session, url, QUESTIONS)
+    _require(
+        len(sent) == 3 and [body.get("prompt") for body in sent] == list(QUESTIONS),
+        (
+            f"you sent {len(sent)} requests with the prompts "
+            f"{[body.get('prompt') for body in sent]}, not the three questions in order.",
+            f"你发了 {len(sent)} 个请求，prompt 依次是 "
+            f"{[body.get('prompt') for body in sent]}，不是按顺序的三个问题。",
+        ),
+        (
+            "loop over `questions` and send one POST for each, with session.post(url, json=...).",
+            "对 `questions` 做循环，每个问题用 session.post(url, json=...) 发一个 POST。",
+        ),
+    )
+    for turn in (1, 2):
+        _require(
+            sent[turn].get("history") == answers[turn - 1].get("history"),
+            (
+                f"request {turn + 1} sent the history {sent[turn].get('history')!r}, not the one "
+                "the answer before it returned: the model did not see the earlier turns.",
+                f"第 {turn + 1} 个请求发出的 history 是 {sent[turn].get('history')!r}，"
+                "不是上一个回答返回的 history：模型看不到前面几轮对话。",
+            ),
+            (
+                "the server remembers nothing between requests: each request carries the "
+                "whole conversation so far.",
+                "服务端在两次请求之间什么都不记：每个请求都要带上到目前为止的整段对话。",
+            ),
+            (
+                "send json={'prompt': question, 'history': history}, and after each answer set "
+                "history = answer.json()['history'].",
+                "发送 json={'prompt': question, 'history': history}，"
+                "每次收到回答后令 history = answer.json()['history']。",
+            ),
+        )
+    _require(
+        history == answers[2].get("history"),
+        (
+            "three_turns returned something else than the history of the last answer.",
+            "three_turns 返回的不是最后一个回答里的 history。",
+        ),
+        ("return the last answer's history.", "返回最后一个回答的 history。"),
+    )
+    return (
+        "three turns, each sent with the ones before it: the model saw the whole conversation.",
+        "三轮对话，每一轮都带上了前面的内容：模型看到的是完整的对话。",
+    )
+
+
+@_check(
+    (
+        "first_text_seconds(client, stream) should return the seconds until the first text.",
+        "first_text_seconds(client, stream) 应该返回收到第一段文字之前等了多少秒。",
+    )
+)
+def check_first_text(first_text_seconds, client):
+    """Check the learner's clock for an answer's first text, streamed and not, against the wire."""
+    watch = _Stopwatch()
+    with httpx.Client(transport=watch) as http:
+        timed = _timed(client, watch, http)
+        measured = {stream: first_text_seconds(timed, stream) for stream in (True, False)}
+    _require(
+        [timing.streamed for timing in watch.timings] == [True, False],
+        (
+            "each call should send one request: streamed when stream is True, not when False.",
+            "每次调用应该只发一个请求：stream 为 True 时流式，为 False 时不是。",
+        ),
+        (
+            "pass stream=stream to client.chat.completions.create(...).",
+            "把 stream=stream 传给 client.chat.completions.create(...)。",
+        ),
+    )
+    streamed, whole = watch.timings
+    _require(
+        _close_to(measured[True], streamed.first_text or 0),
+        (
+            f"streamed, you measured {measured[True]!r} s; the first text arrived after "
+            f"{streamed.first_text or 0:.2f} s.",
+            f"流式时你测到 {measured[True]!r} 秒；第一段文字其实在 "
+            f"{streamed.first_text or 0:.2f} 秒时就到了。",
+        ),
+        (
+            "start the clock just before create(...) and stop it at the first chunk that "
+            "carries text, not at the end of the loop.",
+            "在 create(...) 之前开始计时，在第一个带文字的 chunk 到达时停止，而不是在循环结束后。",
+        ),
+        (
+            "for chunk in stream: if chunk.choices and chunk.choices[0].delta.content: "
+            "return time.perf_counter() - start",
+            "for chunk in stream: if chunk.choices and chunk.choices[0].delta.content: "
+            "return time.perf_counter() - start",
+        ),
+    )
+    _require(
+        _close_to(measured[False], whole.last_byte or 0),
+        (
+            f"not streamed, you measured {measured[False]!r} s; the answer arrived after "
+            f"{whole.last_byte or 0:.2f} s.",
+            f"非流式时你测到 {measured[False]!r} 秒；"
+            f"回答其实在 {whole.last_byte or 0:.2f} 秒时才到。",
+        ),
+        (
+            "without streaming, the first text comes with the whole answer: stop the clock "
+            "when create(...) returns.",
+            "不用流式时，第一段文字是和整个回答一起到的：create(...) 返回时停止计时。",
+        ),
+    )
+    return (
+        f"streamed, the first text came after {measured[True]:.2f} s; not streamed, after "
+        f"{measured[False]:.2f} s: the same answer, but streamed you start reading sooner.",
+        f"流式：{measured[True]:.2f} 秒后看到第一段文字；非流式：{measured[False]:.2f} 秒后。"
+        "回答是一样的，但用流式可以早点开始读。",
+    )
+
+
+@_check(
+    (
+        "tokens_and_seconds(client) should return a pair: (tokens, seconds).",
+        "tokens_and_seconds(client) 应该返回一对值：（token 数, 秒数）。",
+    )
+)
+def check_tokens_per_second(tokens_and_seconds, client):
+    """Check one answer's token count, from the server's usage, and the seconds it took."""
+    watch = _Stopwatch()
+    with httpx.Client(transport=watch) as http:
+        tokens, seconds = tokens_and_seconds(_timed(client, watch, http))
+    _require(
+        len(watch.timings) == 1 and not watch.timings[0].streamed,
+        (
+            f"tokens_and_seconds sent {len(watch.timings)} requests; this exercise wants one, "
+            "not streamed.",
+            f"tokens_and_seconds 发了 {len(watch.timings)} 个请求；这个练习只要一个非流式请求。",
+        ),
+        (
+            "call client.chat.completions.create(...) once, without stream=True.",
+            "只调用一次 client.chat.completions.create(...)，不要加 stream=True。",
+        ),
+    )
+    (timing,) = watch.timings
+    generated = json.loads(timing.body)["usage"]["completion_tokens"]
+    _require(
+        tokens == generated,
+        (
+            f"you counted {tokens!r} tokens; the server generated {generated}.",
+            f"你数出 {tokens!r} 个 token；服务端实际生成了 {generated} 个。",
+        ),
+        (
+            "words and characters are not tokens: let the server count.",
+            "单词数、字数都不等于 token 数：让服务端来数。",
+        ),
+        (
+            "answer.usage.completion_tokens is the number of tokens in the answer.",
+            "answer.usage.completion_tokens 就是回答里的 token 数。",
+        ),
+    )
+    _require(
+        _close_to(seconds, timing.last_byte or 0),
+        (
+            f"you measured {seconds!r} s; the answer took {timing.last_byte or 0:.2f} s.",
+            f"你测到 {seconds!r} 秒；这个回答实际用了 {timing.last_byte or 0:.2f} 秒。",
+        ),
+        (
+            "start the clock just before create(...) and stop it when it returns.",
+            "在 create(...) 之前开始计时，它返回时停止。",
+        ),
+    )
+    return (
+        f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s for you; the "
+        "server shares its speed among everyone asking at once.",
+        f"{seconds:.2f} 秒生成了 {tokens} 个 token，也就是每秒 {tokens / seconds:.1f} 个 token。"
+        "服务端的速度是所有同时提问的人一起分的。",
     )
